@@ -1,0 +1,235 @@
+"""The `smat` command line. Every workflow rule is one call of a command defined here.
+
+Each sub-command parses its arguments and hands them to one function of the package; the heavy modules
+are imported only when their command runs, so `smat --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from smat import __version__
+from smat.io import SmatError
+
+
+def _data(args: argparse.Namespace) -> None:
+    if args.data_command == "build-embedded":
+        from smat.data.embedded import build_embedded
+
+        build_embedded(Path(args.out), size=args.size, seed=args.seed)
+    elif args.data_command == "convert":
+        from smat.data.store import convert_imagefolder
+
+        convert_imagefolder(
+            Path(args.src), Path(args.out), image_size=args.image_size, splits=args.splits,
+            role=args.role, domain=args.domain, seed=args.seed, skip_bad=args.skip_bad,
+            min_images=args.min_images,
+        )
+    elif args.data_command == "check":
+        from smat.data.store import check_store
+
+        problems = check_store(Path(args.store))
+        if problems:
+            raise SmatError(f"{args.store}: store check failed:\n  " + "\n  ".join(problems))
+        print(f"{args.store}: OK")
+
+
+def _episodes(args: argparse.Namespace) -> None:
+    from smat.data.episodes import sample_to_file
+
+    sample_to_file(
+        Path(args.store), split=args.split, n=args.n, seed=args.seed, out=Path(args.out),
+        ways=args.ways, shots=args.shots, queries=args.queries,
+    )
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from smat.models.checkpoint import fetch
+
+    fetch(args.source, Path(args.out), sha256=args.sha256, arch=args.arch)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from smat.pretrain import pretrain
+
+    pretrain([Path(s) for s in args.store], Path(args.out), config=args.config, overrides=args.set,
+             device=args.device)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from smat.training.loop import train
+
+    train(Path(args.config), [Path(s) for s in args.store], Path(args.pretrained), Path(args.out),
+          overrides=args.set, device=args.device)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from smat.evaluation.evaluate import evaluate
+
+    evaluate(args.model, Path(args.episodes), Path(args.store), finetune=args.finetune, lr=args.lr,
+             lr_from=Path(args.lr_from) if args.lr_from else None, label=args.label, limit=args.limit,
+             out=Path(args.out), device=args.device)
+
+
+def _select_lr(args: argparse.Namespace) -> None:
+    from smat.evaluation.select_lr import select_lr
+
+    select_lr(args.model, Path(args.episodes), Path(args.store), finetune=args.finetune, grid=args.grid,
+              n_episodes=args.n_episodes, out=Path(args.out), device=args.device)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from smat.evaluation.compare import compare_files
+
+    print(compare_files(Path(args.a), Path(args.b)))
+
+
+def _tables(args: argparse.Namespace) -> None:
+    from smat.analysis.tables import make_table
+
+    make_table(args.table, [Path(p) for p in args.eval], id_datasets=args.id_datasets,
+               ood_datasets=args.ood_datasets, out_dir=Path(args.out_dir))
+
+
+def _figures(args: argparse.Namespace) -> None:
+    from smat.analysis.figures import make_figure
+
+    make_figure(args.figure, inputs=[Path(p) for p in args.inputs], out_prefix=Path(args.out_prefix),
+                id_datasets=args.id_datasets, ood_datasets=args.ood_datasets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smat", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"smat {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one config key (dotted for nested keys); repeatable")
+
+    data = commands.add_parser("data", help="build, convert and check datasets")
+    data.set_defaults(func=_data)
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    build = data_commands.add_parser("build-embedded", help="generate the offline multi-domain benchmark")
+    build.add_argument("--out", required=True)
+    build.add_argument("--size", choices=["default", "ci"], default="default")
+    build.add_argument("--seed", type=int, default=0)
+    convert = data_commands.add_parser("convert", help="convert raw data into a dataset store")
+    convert.add_argument("format", choices=["imagefolder"])
+    convert.add_argument("src", help="folder with one sub-folder of images per class")
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--image-size", type=int, default=None, help="resize to N×N (default: keep, must agree)")
+    convert.add_argument("--splits", default=None,
+                         help="JSON with train/val/test class lists and optional groups (default: SRC/splits.json)")
+    convert.add_argument("--role", choices=["id", "ood"], default="ood",
+                         help="without a splits file: ood puts every class in test, id splits 60/15/25 at random")
+    convert.add_argument("--domain", default=None, help="dataset name recorded in the store (default: folder name)")
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report them")
+    convert.add_argument("--min-images", type=int, default=2, help="exclude classes with fewer images")
+    check = data_commands.add_parser("check", help="verify a dataset store")
+    check.add_argument("store")
+
+    episodes = commands.add_parser("episodes", help="freeze evaluation episodes")
+    episodes.set_defaults(func=_episodes)
+    episode_commands = episodes.add_subparsers(dest="episodes_command", required=True)
+    sample = episode_commands.add_parser("sample", help="sample episodes once and write them to a file")
+    sample.add_argument("--store", required=True)
+    sample.add_argument("--split", required=True, choices=["train", "val", "test"])
+    sample.add_argument("--n", type=int, default=600)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--ways", type=int, default=None, help="fixed N-way (default: variable way)")
+    sample.add_argument("--shots", type=int, default=None, help="fixed K-shot (with --ways)")
+    sample.add_argument("--queries", type=int, default=None, help="queries per class (with --ways)")
+    sample.add_argument("--out", required=True)
+
+    fetch = commands.add_parser("fetch", help="fetch pre-trained weights into a verified, normalised checkpoint")
+    fetch.set_defaults(func=_fetch)
+    fetch.add_argument("source", help="hub name (timm/HF), http(s)/file URL, or local path")
+    fetch.add_argument("--out", required=True)
+    fetch.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file")
+    fetch.add_argument("--arch", default=None, help="backbone name (needed for URLs and local files)")
+
+    pretrain = commands.add_parser("pretrain", parents=[device, overrides],
+                                   help="pre-train the tiny ViT on ID train classes")
+    pretrain.set_defaults(func=_pretrain)
+    pretrain.add_argument("--store", nargs="+", required=True)
+    pretrain.add_argument("--config", default=None, help="YAML of pre-training settings")
+    pretrain.add_argument("--out", required=True)
+
+    train = commands.add_parser("train", parents=[device, overrides], help="meta-tune (SMAT, PMF, SoftMerge)")
+    train.set_defaults(func=_train)
+    train.add_argument("--config", required=True)
+    train.add_argument("--store", nargs="+", required=True, help="ID stores (train classes; val for selection)")
+    train.add_argument("--pretrained", required=True)
+    train.add_argument("--out", required=True)
+
+    evaluate = commands.add_parser("evaluate", parents=[device], help="evaluate a model on frozen episodes")
+    evaluate.set_defaults(func=_evaluate)
+    evaluate.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
+    evaluate.add_argument("--episodes", required=True)
+    evaluate.add_argument("--store", required=True)
+    evaluate.add_argument("--finetune", choices=["none", "full", "lora"], default="none")
+    evaluate.add_argument("--lr", type=float, default=None)
+    evaluate.add_argument("--lr-from", default=None, help="JSON written by `smat select-lr`")
+    evaluate.add_argument("--label", default=None, help="name of this model in tables (default: method)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N episodes only")
+    evaluate.add_argument("--out", required=True)
+
+    select = commands.add_parser("select-lr", parents=[device], help="pick the fine-tuning lr per dataset")
+    select.set_defaults(func=_select_lr)
+    select.add_argument("--model", required=True)
+    select.add_argument("--episodes", required=True)
+    select.add_argument("--store", required=True)
+    select.add_argument("--finetune", choices=["full", "lora"], required=True)
+    select.add_argument("--grid", type=float, nargs="+", default=None)
+    select.add_argument("--n-episodes", type=int, default=5)
+    select.add_argument("--out", required=True)
+
+    compare = commands.add_parser("compare", help="paired difference of two result CSVs with its 95%% CI")
+    compare.set_defaults(func=_compare)
+    compare.add_argument("a")
+    compare.add_argument("b")
+
+    datasets = argparse.ArgumentParser(add_help=False)
+    datasets.add_argument("--id-datasets", nargs="*", default=[])
+    datasets.add_argument("--ood-datasets", nargs="*", default=[])
+
+    tables = commands.add_parser("tables", parents=[datasets], help="build result tables")
+    tables.set_defaults(func=_tables)
+    tables.add_argument("table", choices=["table1", "table2", "reference"])
+    tables.add_argument("--eval", nargs="*", default=[], help="per-episode CSVs from `smat evaluate`")
+    tables.add_argument("--out-dir", required=True)
+
+    figures = commands.add_parser("figures", parents=[datasets], help="draw analysis figures")
+    figures.set_defaults(func=_figures)
+    figures.add_argument("figure", choices=["pareto", "grad-alignment", "capacity", "dendrogram",
+                                            "mask-overlap", "curves"])
+    figures.add_argument("--inputs", nargs="+", required=True)
+    figures.add_argument("--out-prefix", required=True, help="writes PREFIX.png and PREFIX.pdf")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except SmatError as err:
+        print(f"smat: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("smat: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

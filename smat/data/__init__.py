@@ -1,0 +1,1 @@
+"""Datasets: the offline embedded benchmark, the dataset store, episodes, transforms and loading."""

@@ -1,0 +1,1 @@
+"""Few-shot evaluation: frozen episodes, fine-tuning, learning-rate search, statistics."""

@@ -1,0 +1,1 @@
+"""Episodic meta-training: configuration, optimisers and schedule, the training loop."""
