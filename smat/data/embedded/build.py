@@ -1,0 +1,144 @@
+"""`smat data build-embedded`: the offline multi-domain few-shot benchmark, written as a raw download.
+
+Layout (docs/ARCHITECTURE.md, "Files"):
+    OUT/{domain}/{class}/{i:04d}.png   32x32 RGB
+    OUT/{domain}/splits.json           {"train", "val", "test"[, "groups"]} class lists
+    OUT/benchmark.json                 {"domains": {name: {"role", "kind", "n_classes", "images_per_class"}},
+                                        "seed", "size", "versions"}
+    OUT/grids/{domain}.png             8 classes x 8 images, for people to look at
+
+The build goes into a sibling temporary folder that is renamed to OUT only when everything is written, so
+an interrupted build never leaves a folder that looks complete. Every random draw comes from
+(seed, domain name), so the same seed and size give the same bytes in every file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import numpy as np
+import PIL
+import PIL.features
+import sklearn
+from tqdm import tqdm
+
+import smat
+from smat.data.embedded import automata, curves, digits, fractals, glyphs, signs, sketches, textures
+from smat.data.embedded.raster import domain_rng
+from smat.data.embedded.splits import grouped_splits, plan_groups, split_classes
+from smat.data.embedded.writing import DomainImages, write_class_folders, write_grid
+from smat.io import SmatError, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Size:
+    id_classes: int  # classes per in-domain domain
+    ood_classes: int  # classes per out-of-domain domain (digits: all 10)
+    images_per_class: int
+    digit_images: int  # real digits per class (there are ~180)
+    group_sizes: tuple[int, int]  # classes per glyph group ("alphabet"), inclusive range
+
+
+SIZES = {
+    "default": Size(id_classes=100, ood_classes=60, images_per_class=20, digit_images=40, group_sizes=(8, 14)),
+    "ci": Size(id_classes=25, ood_classes=10, images_per_class=8, digit_images=8, group_sizes=(5, 5)),
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    role: str  # "id": meta-train on train classes, test on test classes; "ood": test only
+    kind: str  # generator family
+
+
+DOMAINS = (
+    Domain("latin-greek", "id", "glyphs"),
+    Domain("cyrillic", "id", "glyphs"),
+    Domain("armenian-georgian", "id", "glyphs"),
+    Domain("syllabics", "id", "glyphs"),
+    Domain("rtl-scripts", "id", "glyphs"),
+    Domain("math-symbols", "id", "glyphs"),
+    Domain("textures", "id", "textures"),
+    Domain("sketches", "id", "sketches"),
+    Domain("signs", "id", "signs"),
+    Domain("fractals", "id", "fractals"),
+    Domain("unseen-scripts", "ood", "glyphs"),
+    Domain("tiles", "ood", "glyphs"),
+    Domain("curves", "ood", "curves"),
+    Domain("automata", "ood", "automata"),
+    Domain("digits", "ood", "digits"),
+)
+GENERATORS: dict[str, Callable[..., DomainImages]] = {
+    "textures": textures.generate, "sketches": sketches.generate, "signs": signs.generate,
+    "fractals": fractals.generate, "curves": curves.generate, "automata": automata.generate,
+    "digits": digits.generate,
+}
+
+
+def build_embedded(out: Path, size: str = "default", seed: int = 0) -> None:
+    """Generate the benchmark into `out`, which must not exist or be an empty folder."""
+    out = Path(out)
+    if size not in SIZES:
+        raise SmatError(f"--size {size!r}: unknown size; choose one of {', '.join(SIZES)}")
+    if seed < 0:
+        raise SmatError(f"--seed {seed}: the seed must be a non-negative integer")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SmatError(f"{out}: already exists and is not empty; delete it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    start = time.perf_counter()
+    try:
+        domains = {}
+        for domain in tqdm(DOMAINS, desc="build-embedded", unit="domain", disable=None):
+            domains[domain.name] = _build_domain(domain, SIZES[size], seed, tmp)
+        write_json(tmp / "benchmark.json", {"domains": domains, "seed": seed, "size": size, "versions": _versions()})
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_images = sum(d["n_classes"] * d["images_per_class"] for d in domains.values())
+    log.info("%s: %d domains, %d images in %.1f s", out, len(domains), n_images, time.perf_counter() - start)
+
+
+def _versions() -> dict[str, str]:
+    """What the pixels depend on besides the seed (fonts ship with matplotlib); no timestamps, so that
+    identical builds stay byte-identical."""
+    return {"smat": smat.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "matplotlib": matplotlib.__version__, "freetype": PIL.features.version("freetype2") or "",
+            "scikit-learn": sklearn.__version__}
+
+
+def _build_domain(domain: Domain, size: Size, seed: int, root: Path) -> dict:
+    rng = domain_rng(seed, domain.name)
+    n_images = size.images_per_class
+    if domain.kind == "digits":
+        n_classes, n_images = digits.N_DIGITS, size.digit_images
+    else:
+        n_classes = size.id_classes if domain.role == "id" else size.ood_classes
+    if domain.kind == "glyphs":
+        plan = plan_groups(n_classes, domain.role, size.group_sizes, rng)
+        data = glyphs.generate(domain.name, [n for _, n in plan], n_images, rng)
+        group_order = list(dict.fromkeys(data.groups.values()))  # groups come in plan order
+        splits = grouped_splits(data.groups, {g: split for g, (split, _) in zip(group_order, plan)})
+    else:
+        data = GENERATORS[domain.kind](n_classes, n_images, rng)
+        splits = split_classes(data.class_names, domain.role, rng)
+    (images_per_class,) = {len(images) for images in data.images}
+    write_class_folders(root / domain.name, data)
+    write_json(root / domain.name / "splits.json", splits)
+    write_grid(root / "grids" / f"{domain.name}.png", data)
+    return {"role": domain.role, "kind": domain.kind, "n_classes": len(data.class_names),
+            "images_per_class": images_per_class}
