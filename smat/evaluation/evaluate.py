@@ -1,0 +1,279 @@
+"""`smat evaluate`: score a model on frozen episodes, without fine-tuning or with full / LoRA fine-tuning.
+
+Per episode (spec §3.4): the task weights from the support (SMAT: eval-mode masks and router scores, no
+inner step), optional fine-tuning on the support (spec §3.5), then cosine-prototype logits of the query.
+Every episode has its own seed, derived from its index and the episode file's seed, so fine-tuning and
+augmentation noise are reproducible and independent of which other episodes are evaluated.
+Pre and PMF without fine-tuning embed each distinct image once (`FeatureCache`); the `seconds` of their
+rows then include an equal share of that embedding time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+import smat
+from smat.device import resolve_device
+from smat.evaluation.feature_cache import CHUNK, FeatureCache
+from smat.evaluation.finetune import FINETUNE_STEPS, finetune_full
+from smat.evaluation.results import write_results
+from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash
+from smat.methods.registry import PRETRAINED_PREFIX
+
+log = logging.getLogger(__name__)
+
+FINETUNE_MODES = ("none", "full", "lora")
+DISPLAY_NAMES = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
+
+
+def episode_seed(index: int, file_seed: int) -> int:
+    """Seed of episode `index`: a stable hash of (index, the episode file's seed)."""
+    return int(stable_hash([int(index), int(file_seed)]), 16)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
+    """Seed torch's global RNGs for one episode (for anything in a model that draws from them) and restore
+    them afterwards; yield a CPU generator with the same seed for fine-tuning (augmentation, LoRA)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def _chunked(features, x: Tensor) -> Tensor:
+    """`features(x)` in chunks of CHUNK images (bounded memory for support/query sets of up to 500)."""
+    return torch.cat([features(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+
+
+def _score(model, support_f: Tensor, support_y: Tensor, query_f: Tensor, query_y: Tensor,
+           n_way: int) -> tuple[float, float]:
+    with torch.inference_mode():
+        logits = model.head_logits(support_f, support_y, query_f, n_way)
+        loss = F.cross_entropy(logits, query_y).item()
+        accuracy = 100.0 * (logits.argmax(-1) == query_y).float().mean().item()
+    return accuracy, loss
+
+
+class EpisodeRunner:
+    """Evaluates one model on episodes of one store with one fine-tuning mode.
+
+    `use_cache=False` turns the feature cache off (for benchmarks and tests: the results are the same);
+    `steps` is the number of fine-tuning steps (spec §3.5: 50).
+    """
+
+    def __init__(self, model, store, finetune: str, device: torch.device, use_cache: bool = True,
+                 steps: int = FINETUNE_STEPS) -> None:
+        from smat.data.transforms import test_transform
+
+        if finetune not in FINETUNE_MODES:
+            raise SmatError(f"--finetune {finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
+        self.model, self.store, self.finetune, self.device = model, store, finetune, device
+        self.use_cache, self.steps = use_cache, steps
+        self.transform = test_transform(model.backbone.image_size)
+        self.lora = None
+        if finetune == "lora":
+            from smat.evaluation.lora import LoraFinetuner    # peft is slow to import: only when needed
+
+            self.lora = LoraFinetuner(model.backbone)
+
+    def uses_cache(self, lr: float) -> bool:
+        """Task-independent features and no fine-tuning (lr 0 is no fine-tuning): embed every image once."""
+        return self.use_cache and self.model.task_independent and (self.finetune == "none" or lr == 0)
+
+    def run(self, episodes: Sequence, indices: Sequence[int], file_seed: int, lr: float,
+            progress: bool = True, desc: str = "episodes") -> list[dict[str, Any]]:
+        """One result dict per episode: ways, sizes, accuracy (%), loss, seconds, alpha."""
+        cache = None
+        shared_seconds = 0.0
+        if self.uses_cache(lr):
+            start = time.perf_counter()
+            weights = self._task_params(self._load(episodes[0])).weights    # the same for every task
+            cache = FeatureCache.build(lambda x: self.model.features(weights, x), self.store, episodes,
+                                       self.transform, self.device, progress=progress)
+            shared_seconds = (time.perf_counter() - start) / len(episodes)
+        results = []
+        for index, episode in zip(tqdm(indices, desc=desc, unit="episode", disable=not progress), episodes):
+            start = time.perf_counter()
+            with seeded(episode_seed(index, file_seed), self.device) as generator:
+                if cache is not None:
+                    accuracy, loss = _score(self.model, *cache.lookup(episode), len(episode.classes))
+                    alpha = None
+                else:
+                    accuracy, loss, alpha = self._run_one(episode, lr, generator)
+            results.append({
+                "episode": index,
+                "ways": len(episode.classes),
+                "support_size": sum(len(ids) for ids in episode.support),
+                "query_size": sum(len(ids) for ids in episode.query),
+                "accuracy": accuracy,
+                "loss": loss,
+                "seconds": time.perf_counter() - start + shared_seconds,
+                "alpha": alpha,
+            })
+        return results
+
+    def _load(self, episode):
+        from smat.data.loader import load_episode
+
+        return load_episode(self.store, episode, self.transform).to(self.device)
+
+    def _task_params(self, tensors):
+        with torch.inference_mode():
+            return self.model.task_params(tensors.support_x, tensors.support_y)
+
+    def _run_one(self, episode, lr: float, generator: torch.Generator) -> tuple[float, float, list | None]:
+        """(accuracy %, loss, router scores) of one episode, fine-tuned on its support if asked."""
+        tensors = self._load(episode)
+        params = self._task_params(tensors)
+        sx, sy, n_way = tensors.support_x, tensors.support_y, tensors.n_way
+        if self.finetune == "full":
+            weights = finetune_full(self.model, params.weights, sx, sy, n_way, lr, generator, self.steps)
+            features = lambda x: self.model.features(weights, x)  # noqa: E731
+        elif self.finetune == "lora":
+            features = self.lora.finetune(self.model, params.weights, sx, sy, n_way, lr, generator, self.steps)
+        else:
+            features = lambda x: self.model.features(params.weights, x)  # noqa: E731
+        with torch.inference_mode():
+            support_f, query_f = _chunked(features, sx), _chunked(features, tensors.query_x)
+        accuracy, loss = _score(self.model, support_f, sy, query_f, tensors.query_y, n_way)
+        alpha = None if params.alpha is None else [float(a) for a in params.alpha.flatten().tolist()]
+        return accuracy, loss, alpha
+
+
+MODEL_FORMAT = "smat-model/1"
+SWITCH_NAMES = ("mls", "meta", "dt", "ie")
+
+
+def model_file(model_spec: str) -> Path:
+    """The file behind a model spec: a checkpoint path, or FILE of `pretrained:FILE`."""
+    path = Path(model_spec[len(PRETRAINED_PREFIX):] if model_spec.startswith(PRETRAINED_PREFIX) else model_spec)
+    if not path.is_file():
+        raise SmatError(f"--model {model_spec}: file {path} not found")
+    return path
+
+
+def _checkpoint_header(path: Path) -> dict[str, Any]:
+    """Method and config of a `smat train` checkpoint, checked before the model is built.
+
+    The file is memory-mapped, so its tensors are not read here.
+    """
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for files it cannot read
+        raise SmatError(f"{path}: not a readable model checkpoint ({err}); pass a `smat train` checkpoint, "
+                        f"or pretrained:FILE for a backbone checkpoint") from None
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        raise SmatError(f"{path}: not a {MODEL_FORMAT} checkpoint written by `smat train`; for a backbone "
+                        f"checkpoint use --model pretrained:{path}")
+    method = record.get("method")
+    if method not in DISPLAY_NAMES or method == "pre":
+        raise SmatError(f"{path}: unknown method {method!r}; known trained methods: pmf, softmerge, smat")
+    return {"method": method, "config": record.get("config") or {}}
+
+
+def load_model_with_info(model_spec: str, device: torch.device):
+    """(model in eval mode, its identity and Table 2 switches for the result rows; empty switches for Pre)."""
+    from smat.methods.registry import load_model
+
+    path = model_file(model_spec)
+    pretrained = model_spec.startswith(PRETRAINED_PREFIX)
+    header = None if pretrained else _checkpoint_header(path)
+    model = load_model(model_spec, device)
+    sha = sha256_file(path)
+    info: dict[str, Any] = {"method": model.method, "model_id": f"{model.method}-{sha[:12]}",
+                            "model_sha256": sha, **{name: None for name in SWITCH_NAMES}, "tau": None,
+                            "experts": None}
+    if header is None:
+        info["config_hash"] = stable_hash({"method": model.method, "pretrained_sha256": sha})
+    else:
+        config = header["config"]
+        switches = config.get("switches") or {}
+        info.update({name: switches.get(name) for name in SWITCH_NAMES})
+        info.update(tau=config.get("tau"), experts=config.get("experts"), config_hash=stable_hash(config))
+    return model, info
+
+
+def resolve_lr(finetune: str, lr: float | None, lr_from: Path | None, dataset: str) -> float:
+    """The fine-tuning lr: --lr, or best_lr of a `smat select-lr` file for this dataset and mode; 0 for none."""
+    if lr is not None and lr_from is not None:
+        raise SmatError("give either --lr or --lr-from, not both")
+    if finetune == "none":
+        if lr is not None or lr_from is not None:
+            raise SmatError("--lr/--lr-from need --finetune full or lora; --finetune none does not fine-tune")
+        return 0.0
+    if lr is None and lr_from is None:
+        raise SmatError(f"--finetune {finetune} needs a learning rate: --lr X, or --lr-from LR.json "
+                        f"written by `smat select-lr`")
+    if lr_from is not None:
+        record = read_json(lr_from)
+        for key, expected in (("dataset", dataset), ("finetune", finetune)):
+            if record.get(key) != expected:
+                raise SmatError(f"{lr_from}: {key} is {record.get(key)!r} but this evaluation is on {key} "
+                                f"{expected!r}; use the lr file selected for it")
+        lr = record.get("best_lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise SmatError(f"{lr_from}: best_lr {lr!r} is not a number")
+    if not math.isfinite(lr) or lr < 0:
+        raise SmatError(f"learning rate {lr!r}: must be a finite number >= 0 (0 = no fine-tuning)")
+    return float(lr)
+
+
+def load_episodes(episodes_path: Path, store, limit: int | None) -> tuple[list, dict]:
+    """The first `limit` episodes of a frozen episode file (its store fingerprint checked) and its metadata."""
+    from smat.data.episodes import load_episode_file
+
+    if limit is not None and limit < 1:
+        raise SmatError(f"--limit {limit}: must be at least 1")
+    episodes, meta = load_episode_file(Path(episodes_path), store)
+    if not episodes:
+        raise SmatError(f"{episodes_path}: contains no episodes")
+    return (episodes[:limit] if limit is not None else episodes), meta
+
+
+def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: str = "none",
+             lr: float | None = None, lr_from: Path | None = None, label: str | None = None,
+             limit: int | None = None, out: Path = Path("eval.csv"), device: str = "auto",
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate `model_spec` on the frozen episodes; write OUT.csv (one row per episode) and OUT.json.
+
+    Nothing is written unless every episode succeeds. Returns the summary (mean, ci95, n, ...).
+    """
+    if finetune not in FINETUNE_MODES:
+        raise SmatError(f"--finetune {finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
+    from smat.data.store import Store
+
+    torch_device = resolve_device(device)
+    store = Store(Path(store_path))
+    lr = resolve_lr(finetune, lr, Path(lr_from) if lr_from else None, store.domain)
+    episodes, meta = load_episodes(episodes_path, store, limit)
+    model, info = load_model_with_info(model_spec, torch_device)
+    runner = EpisodeRunner(model, store, finetune, torch_device)
+    results = runner.run(episodes, range(len(episodes)), int(meta.get("seed", 0)), lr, progress=progress,
+                         desc=f"{DISPLAY_NAMES.get(model.method, model.method)} {store.domain} {finetune}")
+    fixed = {
+        "label": label or DISPLAY_NAMES.get(model.method, model.method),
+        **{key: info[key] for key in ("model_id", "method", "mls", "meta", "dt", "ie", "tau", "experts",
+                                      "config_hash")},
+        "dataset": store.domain, "finetune": finetune, "lr": lr, "smat_version": smat.__version__,
+    }
+    rows = [{**fixed, **result} for result in results]
+    summary = write_results(rows, Path(out), extra={
+        "model": model_spec,
+        "episodes_file": str(episodes_path),
+        "provenance": provenance(
+            episodes_sha256=sha256_file(episodes_path), model_sha256=info["model_sha256"],
+            store_fingerprint=store.fingerprint, episodes_seed=meta.get("seed"), device=str(torch_device)),
+    })
+    log.info("%s: %s on %s (%s): %.2f ± %s over %d episodes", out, fixed["label"], store.domain, finetune,
+             summary["mean"], "n/a" if summary["ci95"] is None else f"{summary['ci95']:.2f}", summary["n"])
+    return summary

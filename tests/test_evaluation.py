@@ -1,0 +1,268 @@
+"""`smat evaluate` / `smat select-lr` end to end on a tiny store, tiny episodes and the tiny ViT."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smat.data.episodes import load_episode_file, sample_to_file
+from smat.data.store import Store, convert_imagefolder
+from smat.evaluation.evaluate import EpisodeRunner, evaluate
+from smat.evaluation.results import EVAL_COLUMNS
+from smat.evaluation.select_lr import select_lr
+from smat.config import to_dict
+from smat.io import SmatError, read_json, sha256_file, stable_hash
+from smat.methods.pmf import PMF
+from smat.methods.pre import Pre
+from smat.methods.registry import build_model
+from smat.models.backbones import create_backbone
+from smat.models.checkpoint import save_checkpoint
+from smat.training.checkpointing import save_model_checkpoint
+from smat.training.config import TrainConfig
+
+ARCH = "vit_tiny_patch4_32"
+CPU = torch.device("cpu")
+
+
+def build_store(root: Path, domain: str, n_classes: int = 6, n_images: int = 8, seed: int = 0) -> Path:
+    """A converted store of coloured, striped 32-px images: each class has its own colour and stripe period."""
+    rng = np.random.default_rng(seed)
+    src = root / f"{domain}-raw"
+    for c in range(n_classes):
+        colour = rng.integers(40, 215, size=3)
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(n_images):
+            yy, xx = np.mgrid[0:32, 0:32]
+            stripes = ((xx + rng.integers(0, 8)) // (2 + c) % 2)[..., None] * 60
+            pixels = np.clip(colour + stripes + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(src / f"class{c}" / f"{i}.png")
+    out = root / domain
+    convert_imagefolder(src, out, role="ood", domain=domain)
+    return out
+
+
+def build_pretrained(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    backbone = create_backbone(ARCH)
+    save_checkpoint(path, ARCH, backbone.vit.state_dict(), source="test", sha256=None, meta={"image_size": 32})
+    return path
+
+
+def build_smat(seed: int = 0, experts: int = 2):
+    """An SMAT model around the tiny ViT with a random (non-zero) shared delta, so tasks get distinct weights.
+
+    Its config is kept as `model.config` for checkpoints written by the tests.
+    """
+    torch.manual_seed(seed)
+    config = TrainConfig(method="smat", backbone=ARCH, experts=experts)
+    model = build_model(config, create_backbone(ARCH))
+    with torch.no_grad():
+        model.experts.delta.normal_(0, 0.02)
+    model.config = config
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread avoids oversubscription (10x faster when loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("evaluation")
+    store = build_store(root, "toy")
+    other = build_store(root, "other", seed=1)
+    episodes = root / "episodes.json"
+    sample_to_file(store, "test", n=4, seed=3, out=episodes, ways=5, shots=2, queries=3)
+    # 2-way 1-shot episodes keep the 50-step fine-tuning runs short.
+    small = root / "small-episodes.json"
+    sample_to_file(store, "test", n=2, seed=4, out=small, ways=2, shots=1, queries=2)
+    pretrained = build_pretrained(root / "tiny.pt")
+    return SimpleNamespace(root=root, store=store, other=other, episodes=episodes, small=small,
+                           pretrained=pretrained)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_writes_csv_rows_and_summary(toy, tmp_path):
+    out = tmp_path / "pre" / "toy.csv"
+    summary = evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, finetune="none", out=out,
+                       device="cpu", progress=False)
+    with open(out, newline="") as handle:
+        assert next(csv.reader(handle)) == list(EVAL_COLUMNS)
+    rows = read_csv(out)
+    episodes, _ = load_episode_file(toy.episodes, Store(toy.store))
+    assert [int(r["episode"]) for r in rows] == [0, 1, 2, 3]
+    for row, episode in zip(rows, episodes):
+        assert row["label"] == "Pre" and row["method"] == "pre" and row["dataset"] == "toy"
+        assert row["finetune"] == "none" and float(row["lr"]) == 0.0
+        assert int(row["ways"]) == 5 and int(row["support_size"]) == 10 and int(row["query_size"]) == 15
+        assert all(row[k] == "" for k in ("mls", "meta", "dt", "ie", "tau", "experts", "alpha"))
+        # accuracy is a percentage of 15 queries
+        assert 0 <= float(row["accuracy"]) <= 100
+        assert round(float(row["accuracy"]) * 15 / 100, 6) == round(float(row["accuracy"]) * 15 / 100)
+        assert float(row["loss"]) > 0 and float(row["seconds"]) > 0
+        assert row["model_id"] == f"pre-{sha256_file(toy.pretrained)[:12]}"
+    accuracies = [float(r["accuracy"]) for r in rows]
+    saved = read_json(out.with_suffix(".json"))
+    assert saved["mean"] == pytest.approx(np.mean(accuracies))
+    assert saved["ci95"] == pytest.approx(1.96 * np.std(accuracies, ddof=1) / math.sqrt(4))
+    assert saved["n"] == 4 and summary["n"] == 4
+    assert saved["seconds_per_episode"] > 0
+    assert saved["provenance"]["episodes_sha256"] == sha256_file(toy.episodes)
+    assert saved["provenance"]["model_sha256"] == sha256_file(toy.pretrained)
+    assert "smat_version" in saved["provenance"]
+    # --limit and --label
+    limited = tmp_path / "limited.csv"
+    evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, label="DINO", limit=2, out=limited,
+             device="cpu", progress=False)
+    rows_limited = read_csv(limited)
+    assert [r["label"] for r in rows_limited] == ["DINO", "DINO"]
+    assert [r["accuracy"] for r in rows_limited] == [r["accuracy"] for r in rows[:2]]
+
+
+@pytest.mark.parametrize("method", ["pre", "pmf"])
+def test_feature_cache_gives_identical_results(toy, method):
+    store = Store(toy.store)
+    episodes, meta = load_episode_file(toy.episodes, store)
+    torch.manual_seed(0)
+    backbone = create_backbone(ARCH)
+    model = (Pre(backbone) if method == "pre" else PMF(backbone)).eval()
+    cached = EpisodeRunner(model, store, "none", CPU).run(episodes, range(4), meta["seed"], 0.0, progress=False)
+    direct = EpisodeRunner(model, store, "none", CPU, use_cache=False).run(episodes, range(4), meta["seed"], 0.0,
+                                                                           progress=False)
+    assert [r["accuracy"] for r in cached] == [r["accuracy"] for r in direct]
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in direct], rel=1e-5, abs=1e-6)
+
+
+def test_smat_checkpoint_rows_carry_switches_and_router_scores(toy, tmp_path):
+    model = build_smat()
+    checkpoint = tmp_path / "best.pt"
+    save_model_checkpoint(checkpoint, model, to_dict(model.config), {"arch": ARCH, "image_size": 32,
+                                                                    "pretrained_sha256": None}, progress={})
+    out = tmp_path / "smat.csv"
+    evaluate(str(checkpoint), toy.episodes, toy.store, limit=2, out=out, device="cpu", progress=False)
+    rows = read_csv(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert (row["label"], row["method"]) == ("SMAT", "smat")
+        assert [row[k] for k in ("mls", "meta", "dt", "ie")] == ["true"] * 4
+        assert float(row["tau"]) == 0.9 and int(row["experts"]) == 2
+        assert row["config_hash"] == stable_hash(to_dict(model.config))
+        alpha = json.loads(row["alpha"])
+        assert len(alpha) == 2 and sum(alpha) == pytest.approx(1.0, abs=1e-5)
+    # The router reads the support: different episodes, different scores.
+    assert rows[0]["alpha"] != rows[1]["alpha"]
+
+
+def test_lr_zero_is_exactly_no_finetuning(toy, tmp_path):
+    # Task-dependent model (no feature cache involved): lr 0 must reproduce "none" bit for bit.
+    store = Store(toy.store)
+    episodes, meta = load_episode_file(toy.episodes, store)
+    model = build_smat()
+    none = EpisodeRunner(model, store, "none", CPU).run(episodes[:2], range(2), meta["seed"], 0.0, progress=False)
+    for finetune in ("full", "lora"):
+        zero = EpisodeRunner(model, store, finetune, CPU).run(episodes[:2], range(2), meta["seed"], 0.0,
+                                                              progress=False)
+        assert [(r["accuracy"], r["loss"]) for r in zero] == [(r["accuracy"], r["loss"]) for r in none]
+    # Through the command: --finetune full --lr 0 gives the rows of --finetune none.
+    a, b = tmp_path / "none.csv", tmp_path / "zero.csv"
+    evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, out=a, device="cpu", progress=False)
+    evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, finetune="full", lr=0.0, out=b,
+             device="cpu", progress=False)
+    assert [(r["accuracy"], r["loss"]) for r in read_csv(a)] == [(r["accuracy"], r["loss"]) for r in read_csv(b)]
+    assert {r["finetune"] for r in read_csv(b)} == {"full"}
+
+
+def test_select_lr_writes_scores_and_evaluate_reads_it(toy, tmp_path):
+    lr_file = tmp_path / "lr.json"
+    best = select_lr(f"pretrained:{toy.pretrained}", toy.small, toy.store, finetune="full", grid=[0.0, 1e-4],
+                     n_episodes=1, out=lr_file, device="cpu", progress=False)
+    record = read_json(lr_file)
+    assert record["dataset"] == "toy" and record["finetune"] == "full" and record["n_episodes"] == 1
+    assert record["grid"] == [0.0, 1e-4] and set(record["scores"]) == {"0.0", "0.0001"}
+    assert record["best_lr"] == best
+    scores = [record["scores"]["0.0"], record["scores"]["0.0001"]]
+    assert best == (1e-4 if scores[1] > scores[0] else 0.0)
+    assert "provenance" in record
+    out = tmp_path / "full.csv"
+    evaluate(f"pretrained:{toy.pretrained}", toy.small, toy.store, finetune="full", lr_from=lr_file, limit=1,
+             out=out, device="cpu", progress=False)
+    row = read_csv(out)[0]
+    assert float(row["lr"]) == best
+    assert float(row["accuracy"]) == pytest.approx(record["scores"][str(best)])
+    # The lr file must fit the evaluation.
+    with pytest.raises(SmatError, match="finetune is 'full'"):
+        evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, finetune="lora", lr_from=lr_file,
+                 out=tmp_path / "x.csv", device="cpu", progress=False)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_bad_inputs_are_clear_errors_and_write_nothing(toy, tmp_path):
+    out = tmp_path / "bad.csv"
+    model = f"pretrained:{toy.pretrained}"
+
+    def fails(match, **kwargs):
+        args = dict(model_spec=model, episodes_path=toy.episodes, store_path=toy.store, out=out, device="cpu",
+                    progress=False)
+        args.update(kwargs)
+        with pytest.raises(SmatError, match=match):
+            evaluate(**args)
+        assert not out.exists() and not out.with_suffix(".json").exists()
+        assert not list(tmp_path.glob(".*.tmp"))
+
+    fails("sampled from store 'toy'", store_path=toy.other)                 # episodes of another store
+    fails("either --lr or --lr-from", finetune="full", lr=1e-3, lr_from=tmp_path / "lr.json")
+    fails("needs a learning rate", finetune="lora")
+    fails("need --finetune full or lora", lr=1e-3)
+    fails("must be a finite number >= 0", finetune="full", lr=-1.0)
+    fails("not found", model_spec=f"pretrained:{tmp_path / 'missing.pt'}")
+    unknown = tmp_path / "maml.pt"
+    torch.save({"format": "smat-model/1", "method": "maml", "config": {}, "state_dict": {}}, unknown)
+    fails("unknown method 'maml'", model_spec=str(unknown))
+    not_a_model = tmp_path / "junk.pt"
+    not_a_model.write_bytes(b"not a checkpoint")
+    fails("not a readable model checkpoint", model_spec=str(not_a_model))
+    with pytest.raises(SmatError, match="grid is empty"):
+        select_lr(model, toy.episodes, toy.store, finetune="full", grid=[], out=tmp_path / "lr.json", device="cpu")
+    assert not (tmp_path / "lr.json").exists()
+
+
+def test_lora_needs_attention_projections(toy):
+    torch.manual_seed(0)
+    backbone = create_backbone(ARCH)
+    for block in backbone.vit.blocks:
+        block.attn.qkv = torch.nn.Identity()    # a ViT variant without the fused q/k/v Linear
+    with pytest.raises(SmatError, match="attention projections"):
+        EpisodeRunner(Pre(backbone), Store(toy.store), "lora", CPU)
+
+
+def test_cli_evaluate_and_compare(toy, tmp_path, capsys):
+    from smat.cli import main
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for out, label in ((a, "A"), (b, "B")):
+        code = main(["evaluate", "--model", f"pretrained:{toy.pretrained}", "--episodes", str(toy.episodes),
+                     "--store", str(toy.store), "--label", label, "--out", str(out), "--device", "cpu"])
+        assert code == 0
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "B minus A: +0.00" in capsys.readouterr().out
+    assert main(["evaluate", "--model", f"pretrained:{toy.pretrained}", "--episodes", str(toy.episodes),
+                 "--store", str(toy.other), "--out", str(tmp_path / "c.csv"), "--device", "cpu"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+    assert json.loads(a.with_suffix(".json").read_text())["label"] == "A"
