@@ -1,0 +1,88 @@
+"""Model checkpoints (`best.pt`, `last.pt`) and the resume state of an interrupted run (`resume.pt`).
+
+A model checkpoint is self-describing: `{"format": "smat-model/1", "method", "config", "backbone": {"arch",
+"image_size", "pretrained_sha256"}, "state_dict", "progress", "provenance"}`; `smat.methods.load_model`
+rebuilds the model from it alone (θ_pre is part of the state dict). The resume state adds everything needed
+to continue bit for bit: optimiser and scaler states, every random number generator, and the length of the
+training log at that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smat.config import build_dataclass
+from smat.io import SmatError, atomic_path, provenance
+from smat.training.config import TrainConfig
+
+MODEL_FORMAT = "smat-model/1"
+RESUME_FORMAT = "smat-resume/1"
+
+
+def save_model_checkpoint(path: Path, model: torch.nn.Module, config: dict, backbone: dict,
+                          progress: dict) -> None:
+    record = {"format": MODEL_FORMAT, "method": model.method, "config": config, "backbone": backbone,
+              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "progress": progress, "provenance": _plain(provenance())}
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def _plain(record: dict) -> dict:
+    """Plain JSON types only (e.g. torch's version string class), so `weights_only` loading accepts it."""
+    return json.loads(json.dumps(record, default=str))
+
+
+def read_model_checkpoint(path: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """(record, config) of a model checkpoint, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmatError(f"{path}: model checkpoint not found (train one with `smat train`, or use "
+                        "pretrained:FILE for the pre-trained backbone)")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many exception types for unreadable files
+        raise SmatError(f"{path}: not a readable model checkpoint ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        raise SmatError(f"{path}: not a {MODEL_FORMAT} checkpoint; a backbone checkpoint is loaded as "
+                        f"pretrained:{path}")
+    config = build_dataclass(TrainConfig, record["config"], where=f"{path}: config")
+    return record, config
+
+
+def rng_state(sampler_rng: np.random.Generator, augment: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "sampler": sampler_rng.bit_generator.state, "augment": augment.get_state()}
+
+
+def restore_rng_state(state: dict[str, Any], sampler_rng: np.random.Generator, augment: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    sampler_rng.bit_generator.state = state["sampler"]
+    augment.set_state(state["augment"])
+
+
+def save_resume(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"format": RESUME_FORMAT, **state}, tmp)
+
+
+def load_resume(path: Path) -> dict[str, Any]:
+    try:
+        # Our own file in the run directory; it holds numpy RNG state, which needs the full unpickler.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many exception types for unreadable files
+        raise SmatError(f"{path}: unreadable resume state ({err}); delete it to restart the run") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise SmatError(f"{path}: not a {RESUME_FORMAT} file; delete it to restart the run")
+    return state

@@ -1,0 +1,171 @@
+"""`TrainConfig`: every setting of meta-training, with the spec's ViT-S defaults (spec §1.10, §8).
+
+Built strictly from YAML (`smat.config.load_config`): unknown keys and wrong types are errors. The method's
+ablation switches are resolved here once (`resolve_switches`), so the saved config says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from smat.data.episodes import SamplerConfig
+
+METHODS = ("smat", "pmf", "softmerge")
+
+
+@dataclass
+class Switches:
+    """Table 2 switches (spec §2.2). Unset (null) = the method's default, filled in by `resolve_switches`."""
+    mls: bool | None = None     # meta-learned sparsity: hard-concrete gates on the shared delta
+    meta: bool | None = None    # support/query split; off: D = S ∪ Q serves as both
+    dt: bool | None = None      # dense teachers: both KD terms (dense teacher and pre-trained model)
+    ie: bool | None = None      # interpolated experts: router over M experts; off: one expert, alpha = 1
+
+
+@dataclass
+class GateConfig:
+    """Hard-concrete gates (spec §1.3)."""
+    beta: float = 2 / 3                 # temperature in training; 1 at eval
+    zeta: float = 1.1
+    gamma: float = -0.1
+    noise_width: float = 1e-6           # training noise u ~ U(0.5 ± noise_width); 0.5 = the full U(0, 1)
+    init_mean: float = 0.0
+    init_std: float = 0.5
+    log_alpha_min: float = math.log(0.01)
+    log_alpha_max: float = math.log(100.0)
+
+
+@dataclass
+class RouterConfig:
+    """Expert-selection hypernetwork (spec §1.4)."""
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    skill_tokens: int = 4
+    skill_init_std: float = 1e-3
+    temperature_start: float = 5.0      # T = max(temperature_min, temperature_start - n / temperature_decay_tasks)
+    temperature_min: float = 0.5
+    temperature_decay_tasks: float = 4000.0
+    logit_l2: float = 1e-4              # weight of mean(logits²)
+
+
+@dataclass
+class TeacherConfig:
+    """Dense teacher and distillation (spec §1.8)."""
+    lr: float = 5e-3                    # the teacher's one SGD step on the query CE
+    kd_weight: float = 0.25             # loss = (1 - kd_weight) CE + kd_weight (KD_dense + KD_pre) / 2 · T²
+    temperature: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser groups (spec §1.10 for smat/softmerge, §2.3 for pmf)."""
+    delta_lr: float = 1e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4
+    mask_lr: float = 1e6
+    mask_clip: float = 5.0              # gradient-norm clip of the log-alpha group (the only clipped SGD group)
+    lagrangian_lr: float = 2e-3
+    router_lr: float = 1e-4
+    router_weight_decay: float = 1e-2
+    router_clip: float = 1.0
+    pmf_lr: float = 5e-5
+    pmf_momentum: float = 0.9
+    pmf_weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-epoch learning-rate multiplier: linear warm-up, then cosine (HF cosine-with-warmup, spec §1.10)."""
+    warmup_epochs: int = 5
+    cosine_epochs: int = 50             # HF `num_training_steps`; training may stop before the cosine ends
+    epoch0_lr: float | None = 1e-6      # epoch 0: every SGD group at this absolute lr, router lr 0; null: off
+
+
+@dataclass
+class ValidationConfig:
+    episodes: int = 120                 # fixed val episodes per domain, sampled once (spec §1.11)
+    seed: int = 10_000                  # independent of the training seed, so every run is selected alike
+
+
+@dataclass
+class CheckpointConfig:
+    every_tasks: int = 500              # periodic resume point (at a meta-batch boundary); 0 = epoch ends only
+    every_seconds: float = 600.0        # ... or after this much wall time, whichever comes first; 0 = off
+
+
+@dataclass
+class GradAlignmentConfig:
+    """Meta-gradient alignment between domains for the analysis figure (spec §5.2)."""
+    interval: int = 0                   # every this many tasks; 0 = off
+    max_domains: int = 8                # one task from each of up to this many training domains
+    merged: bool = False                # also the gradient w.r.t. the merged task weights θ_i
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["smat", "pmf", "softmerge"] = "smat"
+    backbone: str = "vit_small_patch16_dino"
+    image_size: int | None = None       # null: the backbone's default input size
+    experts: int = 8                    # M
+    tau: float = 0.9                    # target sparsity per expert (fraction of zero gates)
+    switches: Switches = field(default_factory=Switches)
+    gates: GateConfig = field(default_factory=GateConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    inner_lr: float = 1e-3              # one first-order SGD step on the support (spec §1.7)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    epochs: int = 25
+    tasks_per_epoch: int = 2000
+    meta_batch: int = 4                 # B: each task's loss / B is back-propagated; one step every B tasks
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop scale of the train augmentation
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    grad_alignment: GradAlignmentConfig = field(default_factory=GradAlignmentConfig)
+    amp: bool = True                    # fp16 autocast + GradScaler on CUDA; always fp32 on CPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau < 1.0:
+            raise ValueError(f"tau={self.tau}: the target sparsity must be in [0, 1)")
+        if self.experts < 1:
+            raise ValueError(f"experts={self.experts}: need at least one expert")
+        for name in ("epochs", "tasks_per_epoch", "meta_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if not 0.0 < self.gates.noise_width <= 0.5:
+            raise ValueError(f"gates.noise_width={self.gates.noise_width}: must be in (0, 0.5]")
+        self.switches = resolve_switches(self.method, self.switches, self.experts)
+
+
+# Defaults per method: SMAT is Table 2 row 1; SoftMerge is dense experts without KD (spec §2.1: "plain query
+# CE unless the paper says otherwise"); PMF is row 6 (no switch applies to it).
+_DEFAULTS = {
+    "smat": Switches(mls=True, meta=True, dt=True, ie=True),
+    "softmerge": Switches(mls=False, meta=True, dt=False, ie=True),
+    "pmf": Switches(mls=False, meta=False, dt=False, ie=False),
+}
+
+
+def resolve_switches(method: str, switches: Switches, experts: int) -> Switches:
+    """Fill unset switches with the method's defaults and reject combinations that define no model."""
+    default = _DEFAULTS[method]
+    resolved = Switches(**{name: default.__dict__[name] if value is None else value
+                           for name, value in switches.__dict__.items()})
+    if method == "pmf" and resolved != default:
+        raise ValueError(f"switches {switches.__dict__}: PMF has no ablation switches; leave them unset")
+    if method == "softmerge" and (resolved.mls or not resolved.ie):
+        raise ValueError("softmerge: switches.mls must be false and switches.ie true (dense experts "
+                         "merged by the router); for a single dense delta use method smat with mls/ie false")
+    if method == "smat":
+        if not resolved.mls and resolved.ie:
+            raise ValueError("switches mls=false with ie=true is not a Table 2 row (experts need gates); "
+                             "set ie=false too for a dense delta, or method: softmerge for dense experts")
+        if not resolved.ie and experts != 1:
+            raise ValueError(f"switches.ie=false means a single expert with alpha = 1: set experts: 1 "
+                             f"(got experts={experts})")
+    return resolved
+
