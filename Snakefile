@@ -1,0 +1,60 @@
+"""SMAT experiment pipeline: datasets -> weights -> frozen episodes -> meta-tuning sweep -> lr selection ->
+evaluation -> tables and figures. Every rule runs one `smat` command; all science lives in the package.
+
+    snakemake --cores 2 all_tables                                   # embedded benchmark (config/config.yaml)
+    snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml all   # the paper, on Slurm
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The embedded default, unless --configfile names a complete config of its own (config/paper.yaml, ...):
+# Snakemake would otherwise merge the two, mixing their datasets.
+if not workflow.overwrite_configfiles:
+
+    configfile: workflow.source_path("config/config.yaml")
+
+
+# A wrong key or value stops here, before any job starts.
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+
+
+check_config()
+recover_from_killed_run()
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/weights.smk"
+include: "workflow/rules/episodes.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        all_tables(),
+        all_figures(),
+    default_target: True
+
+
+rule all_tables:
+    input:
+        all_tables(),
+
+
+rule all_figures:
+    input:
+        all_figures(),
+
+
+localrules:
+    all,
+    all_tables,
+    all_figures,

@@ -1,0 +1,102 @@
+"""Backbones: timm Vision Transformers whose feature is the CLS token after the final LayerNorm (spec §1.1).
+
+`BACKBONES` is the registry, as data: the timm architecture each name builds, its size arguments, the
+default input size, and where its pre-trained weights come from. `create_backbone(name)` builds one with
+random weights; `smat.models.checkpoint.load_pretrained` fills it from a normalised checkpoint.
+
+Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.attn.qkv.*`, ...)
+under the `vit.` attribute, so `backbone.named_parameters()` yields `vit.<timm name>`; the meta-tuning code
+passes such a dict to `torch.func.functional_call(backbone, weights, (x,))`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from smat.io import SmatError
+
+# Every entry: timm architecture + keyword arguments, default input size (pixels), patch size, and for the
+# DINO ones the default weights. DINO publishes no checksums: `sha256` stays None until pinned from a
+# verified download (`smat fetch` prints the digest of what it fetched).
+BACKBONES: dict[str, dict[str, Any]] = {
+    # DINO ViT-S/16, the paper's backbone. Meta-Dataset runs at 128 px: the 14x14 position grid of the
+    # 224-px weights is resampled to 8x8 at load time (spec §1.1). LayerNorm eps 1e-6 as DINO's torch-hub ViT.
+    "vit_small_patch16_dino": {
+        "timm_arch": "vit_small_patch16_224",
+        "kwargs": {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6},
+        "image_size": 128,
+        "patch_size": 16,
+        "weights": {
+            "url": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+            "sha256": None,
+            "hub": "timm/vit_small_patch16_224.dino",
+            "hf": "hf-hub:facebook/dino-vits16",  # the exact weights the official SMAT code loads
+        },
+    },
+    "vit_base_patch16_dino": {
+        "timm_arch": "vit_base_patch16_224",
+        "kwargs": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12},
+        "image_size": 128,
+        "patch_size": 16,
+        "weights": {
+            "url": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+            "sha256": None,
+            "hub": "timm/vit_base_patch16_224.dino",
+            "hf": "hf-hub:facebook/dino-vitb16",
+        },
+    },
+    # Tiny ViT for the 32-px embedded benchmark, pre-trained locally by `smat pretrain`. Chosen over
+    # patch 8 / dim 192 / depth 6 by measured few-shot accuracy after the same pre-training budget
+    # (benchmarks/results/pretrain.json).
+    "vit_tiny_patch4_32": {
+        "timm_arch": "vit_tiny_patch16_224",
+        "kwargs": {"patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        "image_size": 32,
+        "patch_size": 4,
+        "weights": None,
+    },
+}
+
+# No dropout of any kind: the spec's backbones have none, and meta-tuning relies on deterministic features.
+_NO_DROPOUT = {"drop_rate": 0.0, "pos_drop_rate": 0.0, "proj_drop_rate": 0.0, "attn_drop_rate": 0.0,
+               "drop_path_rate": 0.0}
+
+
+def backbone_spec(name: str) -> dict[str, Any]:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise SmatError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}") from None
+
+
+class Backbone(nn.Module):
+    """A timm VisionTransformer without classifier; `forward(x)` returns the CLS token after the final norm."""
+
+    def __init__(self, name: str, vit: nn.Module, image_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.image_size = image_size
+        self.feature_dim = vit.num_features
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, image_size={self.image_size}, feature_dim={self.feature_dim}"
+
+
+def create_backbone(name: str, image_size: int | None = None) -> Backbone:
+    """Build backbone `name` with random weights for `image_size`-pixel inputs (default: the registry's)."""
+    spec = backbone_spec(name)
+    image_size = image_size or spec["image_size"]
+    if image_size % spec["patch_size"]:
+        raise SmatError(f"backbone {name}: image size {image_size} is not a multiple of the patch size "
+                        f"{spec['patch_size']}; choose a multiple (default {spec['image_size']})")
+    vit = timm.create_model(spec["timm_arch"], pretrained=False, num_classes=0, global_pool="token",
+                            img_size=image_size, **_NO_DROPOUT, **spec["kwargs"])
+    return Backbone(name, vit, image_size)

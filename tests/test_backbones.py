@@ -1,0 +1,94 @@
+"""Backbone factory: every registered ViT builds, runs forward+backward on CPU, and is functional-call ready."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from smat.io import SmatError
+from smat.models.backbones import BACKBONES, create_backbone
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def built(request):
+    torch.manual_seed(0)
+    return request.param, create_backbone(request.param)
+
+
+def test_every_backbone_runs_forward_and_backward_at_its_input_size(built):
+    name, backbone = built
+    size = BACKBONES[name]["image_size"]
+    assert backbone.name == name and backbone.image_size == size
+    batch = 1 if "base" in name else 2
+    x = torch.randn(batch, 3, size, size)
+    features = backbone(x)
+    assert features.shape == (batch, backbone.feature_dim)
+    assert backbone.feature_dim == BACKBONES[name]["kwargs"]["embed_dim"]
+    features.square().sum().backward()
+    for param_name, param in backbone.named_parameters():
+        assert param.grad is not None, f"{param_name} gets no gradient"
+        norm = param.grad.norm()
+        assert torch.isfinite(norm) and norm > 0, f"{param_name}: gradient norm {norm}"
+
+
+def test_structure_follows_the_spec(built):
+    name, backbone = built
+    kwargs = BACKBONES[name]["kwargs"]
+    vit = backbone.vit
+    assert len(vit.blocks) == kwargs["depth"]
+    assert vit.blocks[0].attn.num_heads == kwargs["num_heads"]
+    assert vit.patch_embed.proj.kernel_size == (kwargs["patch_size"],) * 2
+    grid = backbone.image_size // kwargs["patch_size"]
+    assert vit.pos_embed.shape == (1, 1 + grid * grid, kwargs["embed_dim"])
+    # LayerNorm eps 1e-6 as DINO's ViT; no dropout of any kind.
+    assert all(m.eps == 1e-6 for m in backbone.modules() if isinstance(m, nn.LayerNorm))
+    assert all(m.p == 0 for m in backbone.modules() if isinstance(m, nn.Dropout))
+    assert not any(type(m).__name__ == "DropPath" for m in backbone.modules())
+    # timm parameter names under `vit.` (docs/ARCHITECTURE.md)
+    names = {n for n, _ in backbone.named_parameters()}
+    assert {"vit.cls_token", "vit.pos_embed", "vit.patch_embed.proj.weight", "vit.blocks.0.attn.qkv.weight",
+            "vit.blocks.0.mlp.fc2.bias", "vit.norm.weight"} <= names
+    assert not any("head" in n for n in names)
+
+
+def test_vit_small_at_224_px_matches_the_dino_parameter_count():
+    # spec §1.1: 21,665,664 parameters without head at 224 px (197 position tokens).
+    backbone = create_backbone("vit_small_patch16_dino", image_size=224)
+    assert backbone.vit.pos_embed.shape[1] == 197
+    assert sum(p.numel() for p in backbone.parameters()) == 21_665_664
+
+
+def test_feature_is_the_cls_token_after_the_final_norm():
+    torch.manual_seed(1)
+    backbone = create_backbone("vit_tiny_patch4_32").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.vit.forward_features(x)  # after the final norm
+        expected = tokens[:, 0]
+        assert torch.equal(backbone(x), expected)
+
+
+def test_functional_call_with_a_weights_dict_matches_loading_those_weights():
+    torch.manual_seed(2)
+    backbone = create_backbone("vit_tiny_patch4_32").eval()
+    weights = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in backbone.named_parameters()}
+    weights = {n: w.requires_grad_() for n, w in weights.items()}
+    x = torch.randn(4, 3, 32, 32)
+    out = functional_call(backbone, weights, (x,))
+
+    reference = create_backbone("vit_tiny_patch4_32").eval()
+    reference.load_state_dict({n: w.detach() for n, w in weights.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x))
+        assert not torch.allclose(out, backbone(x))  # the module's own weights were not used
+    out.sum().backward()
+    assert all(w.grad is not None for w in weights.values())
+
+
+def test_bad_names_and_sizes_are_clear_errors():
+    with pytest.raises(SmatError, match="not a multiple of the patch size"):
+        create_backbone("vit_tiny_patch4_32", image_size=30)
+    with pytest.raises(SmatError, match="unknown backbone 'resnet50'.*vit_small_patch16_dino"):
+        create_backbone("resnet50")

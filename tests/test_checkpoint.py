@@ -1,0 +1,229 @@
+"""Checkpoint fetch and load: local files and file:// URLs, sha256 checks, DINO / Hugging Face naming,
+position-embedding resampling, clear errors that leave no output behind."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+import torch
+
+from smat.cli import main
+from smat.io import SmatError, sha256_file
+from smat.models.backbones import create_backbone
+from smat.models.checkpoint import FORMAT, fetch, load_pretrained, read_checkpoint, save_checkpoint
+
+TINY = "vit_tiny_patch4_32"
+
+
+def _random_timm_weights(arch=TINY, image_size=None, seed=0):
+    """Random, non-default weights in timm naming (LayerNorms perturbed too, so a mix-up would show)."""
+    torch.manual_seed(seed)
+    backbone = create_backbone(arch, image_size)
+    return {k: v + 0.05 * torch.randn_like(v) for k, v in backbone.vit.state_dict().items()}
+
+
+def _direct_features(weights, x, arch=TINY, image_size=None):
+    backbone = create_backbone(arch, image_size).eval()
+    backbone.vit.load_state_dict(weights)
+    with torch.no_grad():
+        return backbone(x)
+
+
+def _loaded_features(path, x):
+    backbone, _ = load_pretrained(path)
+    with torch.no_grad():
+        return backbone.eval()(x)
+
+
+def _to_hf_vit_naming(weights):
+    """Hugging Face ViTModel file naming (as on the hub), written independently of the code under test."""
+    out = {
+        "embeddings.cls_token": weights["cls_token"],
+        "embeddings.position_embeddings": weights["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": weights["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": weights["patch_embed.proj.bias"],
+        "layernorm.weight": weights["norm.weight"],
+        "layernorm.bias": weights["norm.bias"],
+        "pooler.dense.weight": torch.randn(128, 128),
+        "pooler.dense.bias": torch.randn(128),
+    }
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    for key, value in weights.items():
+        match = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not match:
+            continue
+        layer, module, kind = match.groups()
+        prefix = f"encoder.layer.{layer}."
+        if module == "attn.qkv":
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3)):
+                out[f"{prefix}attention.attention.{part}.{kind}"] = chunk.clone()
+        else:
+            out[f"{prefix}{names[module]}.{kind}"] = value
+    return out
+
+
+@pytest.fixture()
+def weights_file(tmp_path):
+    weights = _random_timm_weights()
+    path = tmp_path / "raw.pth"
+    torch.save(weights, path)
+    return weights, path
+
+
+def test_fetch_local_file_writes_a_normalised_checkpoint(tmp_path, weights_file):
+    weights, path = weights_file
+    out = tmp_path / "ckpt" / "tiny.pt"
+    fetch(str(path), out)
+    record = torch.load(out, weights_only=True)
+    assert record["format"] == FORMAT and record["arch"] == TINY  # inferred from the shapes
+    assert record["source"] == str(path)
+    assert record["sha256"] == sha256_file(path)
+    assert record["meta"]["image_size"] == 32 and record["meta"]["naming"] == "timm"
+    assert record["state_dict"].keys() == weights.keys()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(_loaded_features(out, x), _direct_features(weights, x), rtol=0, atol=0)
+    backbone, meta = load_pretrained(out)
+    assert backbone.name == TINY and meta["sha256"] == record["sha256"] and "state_dict" not in meta
+
+
+def test_file_url_with_correct_and_wrong_sha256(tmp_path, weights_file):
+    _, path = weights_file
+    digest = sha256_file(path)
+    good = tmp_path / "good.pt"
+    fetch(path.as_uri(), good, sha256=digest.upper())
+    assert read_checkpoint(good)["sha256"] == digest
+
+    bad = tmp_path / "out" / "bad.pt"
+    with pytest.raises(SmatError, match="sha256 mismatch.*nothing was written"):
+        fetch(path.as_uri(), bad, sha256="0" * 64)
+    assert not bad.exists()
+    assert list(bad.parent.iterdir()) == []  # no temporary download left behind
+
+
+def test_cli_fetch_exit_codes(tmp_path, weights_file, capsys):
+    _, path = weights_file
+    assert main(["fetch", str(path), "--out", str(tmp_path / "a.pt"), "--arch", TINY]) == 0
+    assert main(["fetch", str(path), "--out", str(tmp_path / "b.pt"), "--sha256", "ab" * 32]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "b.pt").exists()
+
+
+def test_official_dino_checkpoint_layout_loads_identically(tmp_path):
+    weights = _random_timm_weights(seed=1)
+    student = {f"module.backbone.{k}": torch.randn_like(v) for k, v in weights.items()}
+    teacher = {f"backbone.{k}": v for k, v in weights.items()}
+    teacher["head.mlp.0.weight"] = torch.randn(64, 128)
+    teacher["head.last_layer.weight_g"] = torch.randn(1, 64)
+    path = tmp_path / "dino_full_checkpoint.pth"
+    torch.save({"student": student, "teacher": teacher, "epoch": 3, "args": argparse.Namespace(arch="vit")}, path)
+
+    out = tmp_path / "dino.pt"
+    fetch(str(path), out)
+    meta = read_checkpoint(out)["meta"]
+    assert meta["unwrapped"] == ["teacher"]
+    assert meta["dropped_keys"] == ["head.last_layer.weight_g", "head.mlp.0.weight"]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_loaded_features(out, x), _direct_features(weights, x), rtol=0, atol=0)
+
+
+def test_hf_vit_naming_loads_identically(tmp_path):
+    weights = _random_timm_weights(seed=2)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(_to_hf_vit_naming(weights), path)
+    out = tmp_path / "hf.pt"
+    fetch(str(path), out)
+    assert read_checkpoint(out)["meta"]["naming"] == "hf-vit"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_loaded_features(out, x), _direct_features(weights, x), rtol=0, atol=0)
+
+
+def test_hf_vit_model_file_gives_the_same_features_as_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=512, image_size=32, patch_size=4, layer_norm_eps=1e-6)
+    torch.manual_seed(3)
+    model = transformers.ViTModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "hf.pt"
+    fetch(str(tmp_path / "hf" / "model.safetensors"), out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state[:, 0]
+    torch.testing.assert_close(_loaded_features(out, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dino_vit_small_224_weights_are_resampled_to_128_px(tmp_path):
+    weights = _random_timm_weights("vit_small_patch16_dino", image_size=224)
+    save_checkpoint(tmp_path / "vits.pt", "vit_small_patch16_dino", weights, source="test", sha256=None,
+                    meta={"image_size": 224})
+    backbone, _ = load_pretrained(tmp_path / "vits.pt")  # the registry's 128 px: 14x14 grid -> 8x8
+    assert backbone.image_size == 128 and backbone.vit.pos_embed.shape == (1, 65, 384)
+    torch.testing.assert_close(backbone.vit.pos_embed[:, 0], weights["pos_embed"][:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(backbone.vit.blocks[11].attn.qkv.weight, weights["blocks.11.attn.qkv.weight"],
+                               rtol=0, atol=0)
+    assert backbone(torch.randn(1, 3, 128, 128)).shape == (1, 384)
+
+
+def test_pos_embed_interpolation_keeps_smooth_patterns(tmp_path):
+    weights = _random_timm_weights()
+    grid = 8
+    rows = torch.linspace(-1, 1, grid).view(grid, 1, 1).expand(grid, grid, 128)
+    weights["pos_embed"][0, 1:] = (2.0 + 0 * rows).reshape(grid * grid, 128)  # constant over the grid
+    weights["pos_embed"][0, 1:, :64] = rows.reshape(grid * grid, 128)[:, :64]  # linear in the row index
+    save_checkpoint(tmp_path / "w.pt", TINY, weights, source="test", sha256=None, meta={"image_size": 32})
+
+    backbone, _ = load_pretrained(tmp_path / "w.pt", image_size=64)  # 8x8 -> 16x16
+    pos = backbone.vit.pos_embed.detach()[0]
+    assert pos.shape == (1 + 16 * 16, 128)
+    torch.testing.assert_close(pos[0], weights["pos_embed"][0, 0])
+    torch.testing.assert_close(pos[1:, 64:], torch.full((256, 64), 2.0))
+    row_values = pos[1:, 0].view(16, 16)
+    assert torch.allclose(row_values, row_values[:, :1].expand(16, 16))  # constant along each row
+    assert (row_values[1:, 0] > row_values[:-1, 0]).all()  # still increasing down the rows
+    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 128)
+
+
+def test_errors_are_clear_and_leave_nothing(tmp_path, weights_file):
+    weights, path = weights_file
+    out = tmp_path / "x.pt"
+    not_vit_s = r"(?s)not fit backbone vit_small_patch16_dino.*missing keys \(96\).*wrong shapes"
+    with pytest.raises(SmatError, match=not_vit_s):
+        fetch(str(path), out, arch="vit_small_patch16_dino")
+    with pytest.raises(SmatError, match="unknown backbone 'vit_huge'"):
+        fetch(str(path), out, arch="vit_huge")
+    with pytest.raises(SmatError, match="no such file"):
+        fetch(str(tmp_path / "missing.pth"), out)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(SmatError, match="not a readable PyTorch weights file"):
+        fetch(str(garbage), out)
+    # No network: a refused connection explains how to place the file by hand.
+    with pytest.raises(SmatError, match=r"(?s)cannot download.*http://127\.0\.0\.1:9/w\.pth.*smat fetch /path/"):
+        fetch("http://127.0.0.1:9/w.pth", out, arch=TINY)
+    assert not out.exists()
+
+    incomplete = {k: v for k, v in weights.items() if k != "blocks.0.norm1.weight"}
+    save_checkpoint(tmp_path / "incomplete.pt", TINY, incomplete, source="test", sha256=None, meta={})
+    with pytest.raises(SmatError, match=r"missing keys \(1\): blocks\.0\.norm1\.weight"):
+        load_pretrained(tmp_path / "incomplete.pt")
+    with pytest.raises(SmatError, match="not a smat-backbone/1 checkpoint.*smat fetch"):
+        load_pretrained(path)
+
+
+def test_hub_name_without_network_says_where_to_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # As on a compute node: no network, and a hub cache without the model.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "vits.pt"
+    with pytest.raises(SmatError, match=r"(?s)huggingface\.co/timm/vit_small_patch16_224\.dino/resolve/main/"
+                                        r".*--arch vit_small_patch16_dino"):
+        fetch("timm/vit_small_patch16_224.dino", out)
+    assert not out.exists()

@@ -1,0 +1,290 @@
+"""The Snakemake workflow: a real end-to-end run of the tiny CI config (killed during meta-tuning and run
+again), a user-added image-folder dataset flowing into every table, config validation, the paper DAG
+without data, lint, and the syntax of the conda environment and the profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from smat.config import load_config
+from smat.training.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_CONFIG = ROOT / "config" / "ci.yaml"
+RUN_TIMEOUT = 900  # seconds; a hung Snakemake must not hang the test suite
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run Snakemake to the end; on a time-out kill it with all its jobs (they would outlive it)."""
+    process = subprocess.Popen(snakemake_command(workdir, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def make_image_folder(root: Path, n_classes: int = 5, per_class: int = 6, size: int = 40) -> Path:
+    """A class-per-folder dataset a user might bring: each class a colour and stripe frequency, with noise."""
+    rng = np.random.default_rng(0)
+    for c in range(n_classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        colour = rng.integers(0, 256, 3)
+        stripes = (np.sin(np.arange(size) * (c + 1) * np.pi / size) > 0)[None, :, None]
+        for i in range(per_class):
+            noise = rng.normal(0, 20, (size, size, 3))
+            image = np.clip(np.where(stripes, colour, 255 - colour) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it, as `kill -9` of Snakemake and its jobs."""
+    for process in descendants(pid):
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+@pytest.fixture(scope="module")
+def user_dataset_config(tmp_path_factory) -> Path:
+    """A second config file that adds a user's image folder as an extra OOD dataset."""
+    base = tmp_path_factory.mktemp("user_data")
+    images = make_image_folder(base / "my_images")
+    extra = base / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"datasets": {"my-set": {
+        "role": "ood", "source": {"imagefolder": str(images)}, "image_size": 32,
+        "episodes": {"ways": 5, "shots": 1, "queries": 3}}}}))
+    return extra
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, user_dataset_config):
+    """Run `all_tables` on the CI config (+ the user dataset), kill -9 Snakemake and its jobs while a model
+    is being meta-tuned, then run the same command again to completion."""
+    workdir = tmp_path_factory.mktemp("ci_workflow")
+    args = ["--cores", "2", "all_tables", "--configfile", str(CI_CONFIG), str(user_dataset_config)]
+    process = subprocess.Popen(snakemake_command(workdir, *args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    interrupted = None
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            resumable = sorted((workdir / "results" / "models").glob("**/resume.pt"))
+            if resumable:
+                interrupted = resumable[0].parent
+                lines_before = (interrupted / "train_log.jsonl").read_text().count("\n")
+                break
+            time.sleep(0.05)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+    assert interrupted is not None, "the run never reached a meta-tuning resume point before it ended"
+    stale_locks = list((workdir / ".snakemake" / "locks").glob("*.lock"))
+
+    rerun = snakemake(workdir, *args)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    return {"workdir": workdir, "args": args, "interrupted": interrupted, "lines_before": lines_before,
+            "stale_locks": stale_locks, "rerun": rerun}
+
+
+def read_config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def read_ci_config() -> dict:
+    return read_config(CI_CONFIG)
+
+
+def test_rerun_after_kill_resumes_meta_tuning_and_keeps_results(ci_run):
+    assert ci_run["stale_locks"], "kill -9 should have left Snakemake's lock behind"
+    assert "removing its stale lock" in ci_run["rerun"].stderr
+    model_dir = ci_run["interrupted"]
+    model_id = model_dir.relative_to(ci_run["workdir"] / "results" / "models").as_posix()
+    job_log = (ci_run["workdir"] / "logs" / "meta_tune" / f"{model_id}.log").read_text()
+    assert "resuming at task" in job_log
+    records = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    tasks = [r["task"] for r in records if r["kind"] == "train"]
+    assert len(records) >= ci_run["lines_before"] > 0
+    assert tasks == sorted(set(tasks)), "a resumed log must continue, not repeat or restart"
+    assert (model_dir / "DONE").is_file() and (model_dir / "best.pt").is_file()
+    assert not (model_dir / "resume.pt").exists()
+
+
+def test_tables_exist_and_parse(ci_run):
+    tables = ci_run["workdir"] / "results" / "tables"
+    config = read_ci_config()
+    ids = [n for n, d in config["datasets"].items() if d["role"] == "id"]
+    oods = [n for n, d in config["datasets"].items() if d["role"] == "ood"] + ["my-set"]
+
+    table1 = pd.read_csv(tables / "table1.csv")
+    assert list(dict.fromkeys(table1["row"])) == [*ids, "ID Avg", *oods, "OOD Avg"]
+    expected = {f"{label}{suffix}" for label in ("Pre", "PMF", "SoftMerge", "SMAT")
+                for mode, suffix in (("none", ""), ("full", "+full"), ("lora", "+LoRA"))
+                if mode in config["evaluation"]["finetune"]}
+    assert set(table1["column"]) == expected
+    assert table1["mean"].between(0, 100).all() and (table1["n"] > 0).all()
+    assert table1["best"].any()
+
+    table2 = pd.read_csv(tables / "table2.csv")
+    rows = [f"Row {r}" for r in config["models"]["ablation_rows"]]
+    assert list(table2["label"]) == ["SMAT", *rows, "PMF"]
+    assert table2[["id", "ood", "avg"]].apply(lambda c: c.between(0, 100)).all().all()
+    smat = table2.iloc[0]
+    assert all(bool(smat[s]) for s in ("mls", "meta", "dt", "ie"))
+    assert not any(bool(table2.iloc[-1][s]) for s in ("mls", "meta", "dt", "ie"))
+    assert (table2["n_ood_datasets"] == len(oods)).all()
+
+    reference = pd.read_csv(tables / "table_reference.csv")
+    assert {"table1", "table2"} == set(reference["table"])
+    for name in ("table1", "table2", "table_reference"):
+        assert "\\toprule" in (tables / f"{name}.tex").read_text()
+        assert (tables / f"{name}.md").read_text().count("|") > 10
+
+
+def test_user_dataset_flows_through_conversion_episodes_and_evaluation(ci_run):
+    workdir = ci_run["workdir"]
+    manifest = json.loads((workdir / "resources" / "data" / "my-set" / "manifest.json").read_text())
+    assert manifest["image_size"] == 32 and len(manifest["classes"]) == 5
+    assert {c["split"] for c in manifest["classes"]} == {"test"}
+    episodes = json.loads((workdir / "results" / "episodes" / "my-set" / "test.json").read_text())
+    assert all(len(e["classes"]) == 5 and all(len(s) == 1 for s in e["support"]) for e in episodes["episodes"])
+    main = read_ci_config()["models"]["smat"]
+    for model_id in ("pre", f"smat/tau~{main['tau']}/experts~{main['experts']}/seed~0"):
+        rows = pd.read_csv(workdir / "results" / "eval" / model_id / "my-set" / "none.csv")
+        assert (rows["dataset"] == "my-set").all() and len(rows) == len(episodes["episodes"])
+
+
+def test_second_invocation_does_nothing(ci_run):
+    again = snakemake(ci_run["workdir"], *ci_run["args"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stderr + again.stdout
+
+
+def test_every_training_command_of_the_default_sweep_is_a_valid_training_config(tmp_path):
+    """The `--set` overrides of each model (sweep points, baselines, all Table 2 rows) against the real
+    training config, without training: the part of the wiring that the small CI run leaves out."""
+    dry = snakemake(tmp_path, "-n", "-p", "all", timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    commands = [line[line.index("smat train "):].split() for line in (dry.stdout + dry.stderr).splitlines()
+                if "Shell command: smat train " in line]
+    config = read_config(ROOT / "config" / "config.yaml")
+    assert len(commands) == len(config["models"]["ablation_rows"]) + 2 + len(
+        {(config["models"]["smat"]["tau"], config["models"]["smat"]["experts"]),
+         *((t, m) for t in config["models"]["sweep"]["tau"] for m in config["models"]["sweep"]["experts"])})
+    seen = set()
+    for command in commands:
+        training_yaml = Path(command[command.index("--config") + 1])
+        sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+        resolved = load_config(TrainConfig, training_yaml, sets)
+        seen.add((resolved.method, resolved.tau, resolved.experts, tuple(vars(resolved.switches).values())))
+    assert ("smat", 0.9, 8, (True, True, True, True)) in seen
+    assert ("smat", 0.9, 1, (False, True, True, False)) in seen      # Table 2 row 5
+    assert ("smat", 0.9, 8, (True, False, True, True)) in seen       # Table 2 row 4
+    assert any(method == "pmf" for method, *_ in seen) and any(method == "softmerge" for method, *_ in seen)
+
+
+def test_lint_reports_nothing():
+    result = snakemake(ROOT, "--lint", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda c: c.update(episode=c.pop("episodes")), "'episode' was unexpected"),
+    (lambda c: c["models"]["smat"].update(tau=1.5), "1.5 is greater than or equal to the maximum of 1"),
+    (lambda c: c["datasets"][next(iter(c["datasets"]))].update(role="train"), "'train' is not one of"),
+])
+def test_invalid_config_fails_before_any_job_naming_the_problem(tmp_path, change, named):
+    config = read_ci_config()
+    change(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path / "work", "--cores", "1", "all_tables", "--configfile", str(path), timeout=300)
+    assert result.returncode != 0
+    assert "Error validating config file" in result.stderr and named in result.stderr
+    assert not (tmp_path / "work" / "resources").exists() and not (tmp_path / "work" / "logs").exists()
+
+
+def test_paper_dag_builds_without_data_and_lists_what_is_missing(tmp_path):
+    paper = ["--configfile", str(ROOT / "config" / "paper.yaml")]
+    dry = snakemake(tmp_path, "-n", "all_tables", *paper, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    output = dry.stdout + dry.stderr
+    assert "These dataset sources do not exist" in output
+    for missing in ("data/meta_dataset/ilsvrc_2012", "data/meta_dataset/mnist", "data/domainnet/sketch",
+                    "data/stanford_cars_test"):
+        assert str(tmp_path / missing) in output
+    assert "hushell/meta_dataset_h5" in output and "config/README.md" in output
+    # The whole paper sweep is in the DAG, GPU jobs ask for a GPU, the backbone is fetched.
+    assert "gpu=1" in output and "fetch_backbone" in output and "meta_tune_smat" in output
+    assert "convert_dataset" in output and "select_lr" in output
+
+    real = snakemake(tmp_path, "--cores", "1", "all_tables", *paper, timeout=300)
+    assert real.returncode != 0 and "These dataset sources do not exist" in real.stderr
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "resources").exists()
+
+
+def test_conda_environment_installs_this_project():
+    env = yaml.safe_load((ROOT / "envs" / "smat.yaml").read_text())
+    assert "conda-forge" in env["channels"]
+    assert any(str(d).startswith("python") for d in env["dependencies"])
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    editable = next(p for p in pip if p.startswith("-e "))
+    assert ((ROOT / "envs" / editable.split()[1]).resolve() / "pyproject.toml").is_file()
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_profiles_are_commented_and_request_gpus_the_plugin_way(profile):
+    path = ROOT / "workflow" / "profiles" / profile / "config.yaml"
+    settings = yaml.safe_load(path.read_text())
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith((" ", "#")):  # a top-level entry: a comment must explain it
+            assert lines[i - 1].startswith("#"), f"{path}: {line!r} has no comment above it"
+    assert "--gres" not in str(settings.get("default-resources", "")) + str(settings.get("set-resources", ""))
+    if profile == "slurm":
+        assert settings["executor"] == "slurm"
+        assert settings["slurm-status-command"] == "squeue"

@@ -1,0 +1,44 @@
+rule build_embedded:
+    output:
+        directory(EMBEDDED_RAW),
+    params:
+        size=config["embedded"]["size"],
+        seed=config["embedded"]["seed"],
+    log:
+        "logs/build_embedded.log",
+    benchmark:
+        "results/benchmarks/build_embedded/embedded.tsv"
+    conda:
+        "../../envs/smat.yaml"
+    threads: JOBS["light"]["threads"]
+    resources:
+        runtime=runtime("light"),
+        mem_mb=mem_mb("light"),
+    shell:
+        "smat data build-embedded --out {output} --size {params.size} --seed {params.seed} > {log} 2>&1"
+
+
+rule convert_dataset:
+    input:
+        unpack(conversion_inputs),
+    output:
+        manifest="resources/data/{dataset}/manifest.json",
+        images="resources/data/{dataset}/images.npy",
+    params:
+        src=lambda wildcards: source_folder(wildcards.dataset),
+        out=lambda wildcards, output: os.path.dirname(output.manifest),
+        role=lambda wildcards: DATASETS[wildcards.dataset]["role"],
+        options=conversion_args,
+    log:
+        "logs/convert_dataset/{dataset}.log",
+    benchmark:
+        "results/benchmarks/convert_dataset/{dataset}.tsv"
+    conda:
+        "../../envs/smat.yaml"
+    threads: JOBS["light"]["threads"]
+    resources:
+        runtime=runtime("light"),
+        mem_mb=mem_mb("light"),
+    shell:
+        "smat data convert imagefolder {params.src:q} --out {params.out} --role {params.role} "
+        "--domain {wildcards.dataset} {params.options} > {log} 2>&1"

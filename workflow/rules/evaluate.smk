@@ -1,0 +1,60 @@
+# Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (spec §3.5).
+rule select_lr:
+    input:
+        model=lambda wildcards: checkpoint(wildcards.model_id),
+        episodes="results/episodes/{dataset}/hps.json",
+        store=lambda wildcards: manifest(wildcards.dataset),
+    output:
+        "results/lr/{model_id}/{dataset}/{finetune}.json",
+    wildcard_constraints:
+        finetune="full|lora",
+    params:
+        model=lambda wildcards: model_spec(wildcards.model_id),
+        store=lambda wildcards: store(wildcards.dataset),
+        grid=lambda wildcards: lr_grid(wildcards.dataset),
+        n_episodes=config["episodes"]["hps"]["n"],
+        device=DEVICE,
+    log:
+        "logs/select_lr/{model_id}/{dataset}/{finetune}.log",
+    benchmark:
+        "results/benchmarks/select_lr/{model_id}/{dataset}/{finetune}.tsv"
+    conda:
+        "../../envs/smat.yaml"
+    threads: JOBS["evaluate"]["threads"]
+    resources:
+        runtime=runtime("evaluate"),
+        mem_mb=mem_mb("evaluate"),
+        gpu=gpus("evaluate"),
+        gpu_model=gpu_model("evaluate"),
+    shell:
+        "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.store} "
+        "--finetune {wildcards.finetune} {params.grid} --n-episodes {params.n_episodes} --out {output} "
+        "--device {params.device} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        unpack(evaluation_inputs),
+    output:
+        csv="results/eval/{model_id}/{dataset}/{finetune}.csv",
+        summary="results/eval/{model_id}/{dataset}/{finetune}.json",
+    params:
+        model=lambda wildcards: model_spec(wildcards.model_id),
+        store=lambda wildcards: store(wildcards.dataset),
+        options=evaluation_args,
+        device=DEVICE,
+    log:
+        "logs/evaluate/{model_id}/{dataset}/{finetune}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{model_id}/{dataset}/{finetune}.tsv"
+    conda:
+        "../../envs/smat.yaml"
+    threads: JOBS["evaluate"]["threads"]
+    resources:
+        runtime=runtime("evaluate"),
+        mem_mb=mem_mb("evaluate"),
+        gpu=gpus("evaluate"),
+        gpu_model=gpu_model("evaluate"),
+    shell:
+        "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.store} "
+        "--finetune {wildcards.finetune} {params.options} --out {output.csv} --device {params.device} > {log} 2>&1"
