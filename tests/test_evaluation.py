@@ -70,14 +70,6 @@ def build_smat(seed: int = 0, experts: int = 2):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids oversubscription (10x faster when loaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory) -> SimpleNamespace:

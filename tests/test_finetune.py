@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_evaluation import ARCH, CPU, build_smat, one_thread, toy  # noqa: F401  (fixtures)
+from test_evaluation import ARCH, CPU, build_smat, toy  # noqa: F401  (fixtures)
 
 from smat.data.episodes import load_episode_file
 from smat.data.loader import load_episode

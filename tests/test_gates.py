@@ -12,14 +12,6 @@ TRAIN_ZERO = 2 / 3 * math.log(0.1 / 1.1)   # -1.5986: z > 0 in training iff log 
 EVAL_ZERO = math.log(0.1 / 1.1)            # -2.3979: z > 0 at eval iff log α above this
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the cores are shared; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_constants_match_the_spec():
     gates = HardConcrete()

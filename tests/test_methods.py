@@ -20,14 +20,6 @@ from smat.training.config import TrainConfig
 from smat.training.optim import build_optimisers, set_epoch_lr, step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the cores are shared; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def config(**overrides) -> TrainConfig:
     return build_dataclass(TrainConfig, {"backbone": "vit_tiny_patch4_32", "image_size": 16, "experts": 3,

@@ -13,14 +13,6 @@ from smat.models.backbones import create_backbone
 from smat.training.config import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the cores are shared; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_smat(**overrides):
     torch.manual_seed(0)

@@ -57,14 +57,6 @@ def make_store(root: Path, domain: str, seed: int, splits=(("train", 8), ("val",
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread when the cores are shared; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
