@@ -21,7 +21,7 @@ def test_every_backbone_runs_forward_and_backward_at_its_input_size(built):
     name, backbone = built
     size = BACKBONES[name]["image_size"]
     assert backbone.name == name and backbone.image_size == size
-    batch = 1 if "base" in name else 2
+    batch = 1 if "dino" in name else 4  # ViT-S/B at 128 px: a small batch keeps the test fast
     x = torch.randn(batch, 3, size, size)
     features = backbone(x)
     assert features.shape == (batch, backbone.feature_dim)
@@ -85,6 +85,18 @@ def test_functional_call_with_a_weights_dict_matches_loading_those_weights():
         assert not torch.allclose(out, backbone(x))  # the module's own weights were not used
     out.sum().backward()
     assert all(w.grad is not None for w in weights.values())
+
+
+def test_patch_dropout_acts_in_training_only_and_adds_no_parameters():
+    torch.manual_seed(3)
+    dropping = create_backbone("vit_tiny_patch4_32", patch_drop_rate=0.5)
+    plain = create_backbone("vit_tiny_patch4_32")
+    plain.load_state_dict(dropping.state_dict())  # same keys: strict load
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(x), plain.eval()(x), rtol=0, atol=0)
+        tokens = dropping.train().vit.forward_features(x)
+    assert tokens.shape[1] == 1 + 32  # the class token and half of the 64 patch tokens
 
 
 def test_bad_names_and_sizes_are_clear_errors():

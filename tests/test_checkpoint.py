@@ -158,16 +158,22 @@ def test_hf_vit_model_file_gives_the_same_features_as_transformers(tmp_path):
     torch.testing.assert_close(_loaded_features(out, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_dino_vit_small_224_weights_are_resampled_to_128_px(tmp_path):
-    weights = _random_timm_weights("vit_small_patch16_dino", image_size=224)
-    save_checkpoint(tmp_path / "vits.pt", "vit_small_patch16_dino", weights, source="test", sha256=None,
-                    meta={"image_size": 224})
-    backbone, _ = load_pretrained(tmp_path / "vits.pt")  # the registry's 128 px: 14x14 grid -> 8x8
-    assert backbone.image_size == 128 and backbone.vit.pos_embed.shape == (1, 65, 384)
+def test_weights_on_a_14x14_grid_load_at_8x8_as_dino_224_px_at_128_px(tmp_path):
+    # The spec §1.1 case (224 px -> 128 px with patch 16) on the tiny ViT: 56 px -> 32 px with patch 4.
+    weights = _random_timm_weights(image_size=56)
+    path = tmp_path / "grid14.pth"
+    torch.save(weights, path)
+    fetch(str(path), tmp_path / "grid14.pt")
+    assert read_checkpoint(tmp_path / "grid14.pt")["meta"]["image_size"] == 56
+
+    backbone, _ = load_pretrained(tmp_path / "grid14.pt")  # the registry's 32 px
+    assert backbone.image_size == 32 and backbone.vit.pos_embed.shape == (1, 65, 128)
     torch.testing.assert_close(backbone.vit.pos_embed[:, 0], weights["pos_embed"][:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(backbone.vit.blocks[11].attn.qkv.weight, weights["blocks.11.attn.qkv.weight"],
+    torch.testing.assert_close(backbone.vit.blocks[3].attn.qkv.weight, weights["blocks.3.attn.qkv.weight"],
                                rtol=0, atol=0)
-    assert backbone(torch.randn(1, 3, 128, 128)).shape == (1, 384)
+    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 128)
+    same, _ = load_pretrained(tmp_path / "grid14.pt", image_size=56)  # no resampling at the weights' own size
+    assert torch.equal(same.vit.pos_embed.detach(), weights["pos_embed"])
 
 
 def test_pos_embed_interpolation_keeps_smooth_patterns(tmp_path):

@@ -19,8 +19,9 @@ from smat.models.checkpoint import load_pretrained, read_checkpoint
 from smat.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-# 2 epochs x 2 steps of 12 images over the 24 train images of the store below.
-TINY = ["epochs=2", "batch_size=12", "warmup_epochs=0.5"]
+# 2 epochs x 2 steps of 12 images over the 24 train images of the store below; patch dropout on, so that
+# the resume test covers the random draws of the model too.
+TINY = ["epochs=2", "batch_size=12", "warmup_epochs=0.5", "patch_drop_rate=0.5"]
 
 
 def _make_store(tmp: Path, name: str, splits: dict[str, list[str]] | None, role: str = "id") -> Path:

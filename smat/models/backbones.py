@@ -90,13 +90,17 @@ class Backbone(nn.Module):
         return f"name={self.name!r}, image_size={self.image_size}, feature_dim={self.feature_dim}"
 
 
-def create_backbone(name: str, image_size: int | None = None) -> Backbone:
-    """Build backbone `name` with random weights for `image_size`-pixel inputs (default: the registry's)."""
+def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate: float = 0.0) -> Backbone:
+    """Build backbone `name` with random weights for `image_size`-pixel inputs (default: the registry's).
+
+    `patch_drop_rate` > 0 keeps a random subset of the patch tokens in training mode only (timm's
+    PatchDropout): a pre-training speed-up that adds no parameters; evaluation always sees every token.
+    """
     spec = backbone_spec(name)
     image_size = image_size or spec["image_size"]
     if image_size % spec["patch_size"]:
         raise SmatError(f"backbone {name}: image size {image_size} is not a multiple of the patch size "
                         f"{spec['patch_size']}; choose a multiple (default {spec['image_size']})")
     vit = timm.create_model(spec["timm_arch"], pretrained=False, num_classes=0, global_pool="token",
-                            img_size=image_size, **_NO_DROPOUT, **spec["kwargs"])
+                            img_size=image_size, patch_drop_rate=patch_drop_rate, **_NO_DROPOUT, **spec["kwargs"])
     return Backbone(name, vit, image_size)
