@@ -86,7 +86,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for unreadable files
-        raise SmatError(f"{path}: not a readable backbone checkpoint ({err})") from None
+        raise SmatError(f"{path}: not a readable backbone checkpoint ({_brief(err)})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise SmatError(f"{path}: not a {FORMAT} checkpoint; convert raw weights with "
                         f"`smat fetch {path} --out NEW.pt`")
@@ -188,7 +188,7 @@ def _read_weights(path: Path, source: str) -> Any:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise SmatError(f"{source}: not a readable safetensors file ({err})") from None
+            raise SmatError(f"{source}: not a readable safetensors file ({_brief(err)})") from None
     import argparse
 
     try:
@@ -196,9 +196,14 @@ def _read_weights(path: Path, source: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for unreadable files
-        raise SmatError(f"{source}: not a readable PyTorch weights file ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); expected .pth/.pt/.bin or "
-                        ".safetensors") from None
+        raise SmatError(f"{source}: not a readable PyTorch weights file ({_brief(err)}); expected .pth/.pt/.bin "
+                        "or .safetensors") from None
+
+
+def _brief(err: Exception) -> str:
+    """First line of an exception from torch / safetensors, whose messages can run to many lines."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _grid(n_tokens: int, where: Any) -> int:
