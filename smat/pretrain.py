@@ -1,13 +1,17 @@
 """Pre-training of the tiny ViT for the embedded benchmark: the offline stand-in for DINO's θ_pre.
 
 Objective: joint supervised classification over the union of the train classes of all given ID stores
-(a linear head on the CLS feature, cross-entropy with label smoothing, AdamW, linear warm-up then cosine
-decay, per-step schedule). Why this one: it is generic and, like DINO, not episodic, so the features are not
-tuned for few-shot episodes and meta-tuning has something to add (issue 3); and it is what learns useful
-features fastest within the CPU budget (<= 4 minutes on 2 cores for the default benchmark), where
-self-supervised objectives need many more epochs. Only train classes are used: val classes select
-meta-tuning checkpoints and test classes are for evaluation; a store without train classes (an OOD store)
-is refused.
+(a linear head on the CLS feature, cross-entropy, AdamW, linear warm-up then cosine decay, per-step
+schedule), with progressive resizing: the first `low_res_epochs` see 16-px crops (a quarter of the tokens,
+the position embeddings resampled on the fly), the last ones full-size crops. Why this objective: it is
+generic and, like DINO, not episodic, so the features are not tuned for few-shot episodes and meta-tuning
+has something to add; and it learns useful features fastest within the CPU budget (<= 4 minutes on 2
+cores for the default benchmark), where self-supervised objectives need many more epochs. Why progressive
+resizing: at equal CPU time it more than doubles the epochs: +9 points of few-shot accuracy (5 full-size
+epochs vs the default 10 + 2, benchmarks/results/pretrain.json).
+
+Only train classes are used: val classes select meta-tuning checkpoints and test classes are for
+evaluation; a store without train classes (an OOD store) is refused.
 
 Augmentation is the meta-tuning train transform (spec §1.11) with a milder crop scale for 32-px images.
 Every random draw derives from `seed` and the step number (epoch permutation, per-step augmentation), so an
@@ -49,15 +53,17 @@ class PretrainConfig:
 
     arch: str = "vit_tiny_patch4_32"          # backbone to pre-train (smat.models.backbones.BACKBONES)
     image_size: int = 32                      # training resolution; stores must hold images of this size
-    epochs: int = 5                           # passes over all train images (the last partial batch is dropped)
-    batch_size: int = 128
+    epochs: int = 12                          # passes over all train images (the last partial batch is dropped)
+    batch_size: int = 32
     lr: float = 1e-3                          # AdamW peak learning rate
     weight_decay: float = 0.05                # on weight matrices only (not norms, biases, tokens, pos_embed)
-    warmup_epochs: float = 1.0                # linear warm-up, then cosine decay to 0, both per step
-    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5                # linear warm-up, then cosine decay to 0, both per step
+    label_smoothing: float = 0.0
     patch_drop_rate: float = 0.0              # fraction of patch tokens dropped per training image (speed)
+    low_res_size: int | None = 16             # progressive resizing: the first low_res_epochs train on
+    low_res_epochs: int = 10                  # crops shrunk to low_res_size px (4x fewer tokens), then image_size
     grad_clip: float = 1.0                    # max global gradient norm; 0 = no clipping
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range
+    crop_scale: tuple[float, float] = (0.6, 1.0)   # RandomResizedCrop area range
     seed: int = 0
     checkpoint_every_steps: int = 200         # write OUT.partial every N steps ...
     checkpoint_every_seconds: float = 120.0   # ... or every N seconds, whichever comes first
@@ -71,6 +77,11 @@ class PretrainConfig:
             raise ValueError(f"crop_scale {self.crop_scale}: expected 0 < low <= high <= 1")
         if self.checkpoint_every_steps < 1 or self.checkpoint_every_seconds <= 0:
             raise ValueError("checkpoint_every_steps must be >= 1 and checkpoint_every_seconds > 0")
+        if self.low_res_epochs and not (self.low_res_size and 0 < self.low_res_size < self.image_size):
+            raise ValueError(f"low_res_size {self.low_res_size}: expected a size between 1 and image_size "
+                             f"({self.image_size}) when low_res_epochs ({self.low_res_epochs}) > 0")
+        if not 0 <= self.low_res_epochs <= self.epochs:
+            raise ValueError(f"low_res_epochs {self.low_res_epochs}: expected 0..epochs ({self.epochs})")
         if self.max_steps_per_run is not None and self.max_steps_per_run < 1:
             raise ValueError(f"max_steps_per_run {self.max_steps_per_run}: expected >= 1 or null")
 
@@ -101,7 +112,8 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
 
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.arch, cfg.image_size, patch_drop_rate=cfg.patch_drop_rate)
+    backbone = create_backbone(cfg.arch, cfg.image_size, patch_drop_rate=cfg.patch_drop_rate,
+                               dynamic_img_size=cfg.low_res_epochs > 0)
     model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, len(data.class_names))).to(dev)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
@@ -111,6 +123,7 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
     step, seconds = _resume(partial, run_key, model, optimizer, scheduler)
 
     transform = train_transform(cfg.image_size, cfg.crop_scale)
+    low_res_steps = cfg.low_res_epochs * steps_per_epoch
     labels = torch.from_numpy(data.labels)
     stop = total if cfg.max_steps_per_run is None else min(total, step + cfg.max_steps_per_run)
     started, last_save, last_step_saved = time.monotonic(), time.monotonic(), step
@@ -122,6 +135,8 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
         generator = torch.Generator(dev).manual_seed(augment_seed)
         torch.manual_seed(model_seed)  # the global generator draws the dropped patch tokens
         x = transform(data.images[batch], generator)
+        if step < low_res_steps:
+            x = F.interpolate(x, size=cfg.low_res_size, mode="bilinear", align_corners=False, antialias=True)
         y = labels[batch].to(dev)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)

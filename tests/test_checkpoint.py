@@ -11,10 +11,12 @@ import torch
 
 from smat.cli import main
 from smat.io import SmatError, sha256_file
-from smat.models.backbones import create_backbone
+from smat.models.backbones import BACKBONES, create_backbone
 from smat.models.checkpoint import FORMAT, fetch, load_pretrained, read_checkpoint, save_checkpoint
 
 TINY = "vit_tiny_patch4_32"
+DIM = BACKBONES[TINY]["kwargs"]["embed_dim"]
+HALF = DIM // 2
 
 
 def _random_timm_weights(arch=TINY, image_size=None, seed=0):
@@ -46,8 +48,8 @@ def _to_hf_vit_naming(weights):
         "embeddings.patch_embeddings.projection.bias": weights["patch_embed.proj.bias"],
         "layernorm.weight": weights["norm.weight"],
         "layernorm.bias": weights["norm.bias"],
-        "pooler.dense.weight": torch.randn(128, 128),
-        "pooler.dense.bias": torch.randn(128),
+        "pooler.dense.weight": torch.randn(DIM, DIM),
+        "pooler.dense.bias": torch.randn(DIM),
     }
     names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
              "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
@@ -115,7 +117,7 @@ def test_official_dino_checkpoint_layout_loads_identically(tmp_path):
     weights = _random_timm_weights(seed=1)
     student = {f"module.backbone.{k}": torch.randn_like(v) for k, v in weights.items()}
     teacher = {f"backbone.{k}": v for k, v in weights.items()}
-    teacher["head.mlp.0.weight"] = torch.randn(64, 128)
+    teacher["head.mlp.0.weight"] = torch.randn(64, DIM)
     teacher["head.last_layer.weight_g"] = torch.randn(1, 64)
     path = tmp_path / "dino_full_checkpoint.pth"
     torch.save({"student": student, "teacher": teacher, "epoch": 3, "args": argparse.Namespace(arch="vit")}, path)
@@ -142,8 +144,8 @@ def test_hf_vit_naming_loads_identically(tmp_path):
 
 def test_hf_vit_model_file_gives_the_same_features_as_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    intermediate_size=512, image_size=32, patch_size=4, layer_norm_eps=1e-6)
+    config = transformers.ViTConfig(hidden_size=DIM, num_hidden_layers=4, num_attention_heads=3,
+                                    intermediate_size=4 * DIM, image_size=32, patch_size=4, layer_norm_eps=1e-6)
     torch.manual_seed(3)
     model = transformers.ViTModel(config).eval()
     with torch.no_grad():
@@ -167,11 +169,11 @@ def test_weights_on_a_14x14_grid_load_at_8x8_as_dino_224_px_at_128_px(tmp_path):
     assert read_checkpoint(tmp_path / "grid14.pt")["meta"]["image_size"] == 56
 
     backbone, _ = load_pretrained(tmp_path / "grid14.pt")  # the registry's 32 px
-    assert backbone.image_size == 32 and backbone.vit.pos_embed.shape == (1, 65, 128)
+    assert backbone.image_size == 32 and backbone.vit.pos_embed.shape == (1, 65, DIM)
     torch.testing.assert_close(backbone.vit.pos_embed[:, 0], weights["pos_embed"][:, 0], rtol=0, atol=0)
     torch.testing.assert_close(backbone.vit.blocks[3].attn.qkv.weight, weights["blocks.3.attn.qkv.weight"],
                                rtol=0, atol=0)
-    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 128)
+    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, DIM)
     same, _ = load_pretrained(tmp_path / "grid14.pt", image_size=56)  # no resampling at the weights' own size
     assert torch.equal(same.vit.pos_embed.detach(), weights["pos_embed"])
 
@@ -179,20 +181,20 @@ def test_weights_on_a_14x14_grid_load_at_8x8_as_dino_224_px_at_128_px(tmp_path):
 def test_pos_embed_interpolation_keeps_smooth_patterns(tmp_path):
     weights = _random_timm_weights()
     grid = 8
-    rows = torch.linspace(-1, 1, grid).view(grid, 1, 1).expand(grid, grid, 128)
-    weights["pos_embed"][0, 1:] = (2.0 + 0 * rows).reshape(grid * grid, 128)  # constant over the grid
-    weights["pos_embed"][0, 1:, :64] = rows.reshape(grid * grid, 128)[:, :64]  # linear in the row index
+    rows = torch.linspace(-1, 1, grid).view(grid, 1, 1).expand(grid, grid, DIM)
+    weights["pos_embed"][0, 1:] = (2.0 + 0 * rows).reshape(grid * grid, DIM)  # constant over the grid
+    weights["pos_embed"][0, 1:, :HALF] = rows.reshape(grid * grid, DIM)[:, :HALF]  # linear in the row index
     save_checkpoint(tmp_path / "w.pt", TINY, weights, source="test", sha256=None, meta={"image_size": 32})
 
     backbone, _ = load_pretrained(tmp_path / "w.pt", image_size=64)  # 8x8 -> 16x16
     pos = backbone.vit.pos_embed.detach()[0]
-    assert pos.shape == (1 + 16 * 16, 128)
+    assert pos.shape == (1 + 16 * 16, DIM)
     torch.testing.assert_close(pos[0], weights["pos_embed"][0, 0])
-    torch.testing.assert_close(pos[1:, 64:], torch.full((256, 64), 2.0))
+    torch.testing.assert_close(pos[1:, HALF:], torch.full((256, DIM - HALF), 2.0))
     row_values = pos[1:, 0].view(16, 16)
     assert torch.allclose(row_values, row_values[:, :1].expand(16, 16))  # constant along each row
     assert (row_values[1:, 0] > row_values[:-1, 0]).all()  # still increasing down the rows
-    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 128)
+    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, DIM)
 
 
 def test_errors_are_clear_and_leave_nothing(tmp_path, weights_file):

@@ -19,9 +19,10 @@ from smat.models.checkpoint import load_pretrained, read_checkpoint
 from smat.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-# 2 epochs x 2 steps of 12 images over the 24 train images of the store below; patch dropout on, so that
-# the resume test covers the random draws of the model too.
-TINY = ["epochs=2", "batch_size=12", "warmup_epochs=0.5", "patch_drop_rate=0.5"]
+# 2 epochs x 2 steps of 12 images over the 24 train images of the store below, the first epoch at 16 px;
+# patch dropout on, so that the resume test covers the random draws of the model too.
+TINY = ["epochs=2", "batch_size=12", "warmup_epochs=0.5", "patch_drop_rate=0.5", "low_res_size=16",
+        "low_res_epochs=1"]
 
 
 def _make_store(tmp: Path, name: str, splits: dict[str, list[str]] | None, role: str = "id") -> Path:
@@ -79,7 +80,7 @@ def test_pretrain_writes_a_backbone_checkpoint_from_train_classes_only(pretraine
     trained = backbone.vit.state_dict()
     assert trained.keys() == initial.keys()
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
-    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, backbone.feature_dim)
 
 
 def test_interrupted_runs_resume_to_identical_weights(tmp_path, stores, pretrained):
@@ -112,6 +113,10 @@ def test_refuses_stores_without_train_classes_and_bad_settings(tmp_path, stores)
         pretrain([id_store], out, config=None, overrides=["batch_size=64"], device="cpu")
     with pytest.raises(SmatError, match="images are 32 px but pre-training runs at 64 px"):
         pretrain([id_store], out, config=None, overrides=TINY + ["image_size=64"], device="cpu")
+    with pytest.raises(SmatError, match="low_res_size 32: expected a size between 1 and image_size"):
+        pretrain([id_store], out, config=None, overrides=TINY + ["low_res_size=32"], device="cpu")
+    with pytest.raises(SmatError, match="low_res_epochs 3: expected 0..epochs"):
+        pretrain([id_store], out, config=None, overrides=TINY + ["low_res_epochs=3"], device="cpu")
     with pytest.raises(SmatError, match="unknown key.*epoch"):
         pretrain([id_store], out, config=None, overrides=["epoch=3"], device="cpu")
     assert not out.exists()

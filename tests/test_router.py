@@ -35,7 +35,8 @@ def test_keys_skill_tokens_and_block_are_saved_parameters():
     for name in ("router.keys", "router.skill_tokens", "router.block.qkv.parametrizations.weight.original",
                  "router.block.fc2.parametrizations.weight.original"):
         assert name in state and name in params and params[name].requires_grad
-    assert state["router.keys"].shape == (3, 128) and state["router.skill_tokens"].shape == (1, 4, 128)
+    dim = model.backbone.feature_dim
+    assert state["router.keys"].shape == (3, dim) and state["router.skill_tokens"].shape == (1, 4, dim)
 
 
 def test_router_parameters_get_task_gradients():
