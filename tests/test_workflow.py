@@ -103,7 +103,8 @@ def user_dataset_config(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory, user_dataset_config):
     """Run `all_tables` on the CI config (+ the user dataset), kill -9 Snakemake and its jobs while a model
-    is being meta-tuned, then run the same command again to completion."""
+    is being meta-tuned (after its first validation wrote best.pt, which evaluation must not read before
+    training finishes), then run the same command again to completion."""
     workdir = tmp_path_factory.mktemp("ci_workflow")
     args = ["--cores", "2", "all_tables", "--configfile", str(CI_CONFIG), str(user_dataset_config)]
     process = subprocess.Popen(snakemake_command(workdir, *args), stdout=subprocess.DEVNULL,
@@ -112,7 +113,8 @@ def ci_run(tmp_path_factory, user_dataset_config):
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
         while process.poll() is None and time.monotonic() < deadline:
-            resumable = sorted((workdir / "results" / "models").glob("**/resume.pt"))
+            resumable = [path for path in sorted((workdir / "results" / "models").glob("**/resume.pt"))
+                         if (path.parent / "best.pt").exists()]
             if resumable:
                 interrupted = resumable[0].parent
                 lines_before = (interrupted / "train_log.jsonl").read_text().count("\n")
@@ -151,6 +153,11 @@ def test_rerun_after_kill_resumes_meta_tuning_and_keeps_results(ci_run):
     assert tasks == sorted(set(tasks)), "a resumed log must continue, not repeat or restart"
     assert (model_dir / "DONE").is_file() and (model_dir / "best.pt").is_file()
     assert not (model_dir / "resume.pt").exists()
+    # Everything that read the model did so after the resumed training had finished.
+    readers = sorted((ci_run["workdir"] / "results" / "eval" / model_id).glob("**/*.csv"))
+    assert readers
+    done = (model_dir / "DONE").stat().st_mtime
+    assert all(path.stat().st_mtime >= done for path in readers)
 
 
 def test_tables_exist_and_parse(ci_run):

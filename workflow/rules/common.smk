@@ -216,13 +216,22 @@ def checkpoint(model_id):
     return PRETRAINED if model_id == "pre" else f"results/models/{model_id}/best.pt"
 
 
+def trained(model_id):
+    """Inputs of every consumer of a model: its checkpoint and, for meta-tuned models, DONE. best.pt exists
+    from the first validation on, so a killed run leaves one behind; DONE, written last, makes Snakemake
+    resume the training before anything reads the model."""
+    if model_id == "pre":
+        return [PRETRAINED]
+    return [checkpoint(model_id), f"results/models/{model_id}/DONE"]
+
+
 def model_spec(model_id):
     """What `--model` takes: a checkpoint, or `pretrained:FILE` for Pre (no meta-training)."""
     return f"pretrained:{PRETRAINED}" if model_id == "pre" else checkpoint(model_id)
 
 
 def evaluation_inputs(wildcards):
-    inputs = {"model": checkpoint(wildcards.model_id), "episodes": f"results/episodes/{wildcards.dataset}/test.json",
+    inputs = {"model": trained(wildcards.model_id), "episodes": f"results/episodes/{wildcards.dataset}/test.json",
               "store": manifest(wildcards.dataset)}
     if wildcards.finetune != "none":
         inputs["lr"] = f"results/lr/{wildcards.model_id}/{wildcards.dataset}/{wildcards.finetune}.json"
@@ -337,7 +346,8 @@ def recover_from_killed_run():
     killed jobs stay behind, and the same command refuses to run. When no snakemake or smat process is left
     in this directory and no killed job was a cluster job (which may still be running), remove both: every
     `smat` command writes its files atomically, so an output that exists is complete, and a job with a
-    missing output (meta-tuning writes DONE last) runs again; meta-tuning resumes from its checkpoint,
+    missing output (meta-tuning writes DONE last, and every reader of a model needs it) runs again;
+    meta-tuning resumes from its checkpoint,
     which is not a declared output. workflow/profiles/README.md says what to do in the other cases."""
     state = Path(".snakemake")
     locks = sorted((state / "locks").glob("*.lock"))

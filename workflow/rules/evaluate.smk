@@ -1,7 +1,7 @@
 # Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (spec §3.5).
 rule select_lr:
     input:
-        model=lambda wildcards: checkpoint(wildcards.model_id),
+        model=lambda wildcards: trained(wildcards.model_id),
         episodes="results/episodes/{dataset}/hps.json",
         store=lambda wildcards: manifest(wildcards.dataset),
     output:

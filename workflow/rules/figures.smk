@@ -3,7 +3,7 @@
 
 rule figure_pareto:
     input:
-        eval_csvs([*FIGURE_SWEEP_IDS, "pre", FIGURE_IDS["pmf"], FIGURE_IDS["softmerge"]]),
+        files=eval_csvs([*FIGURE_SWEEP_IDS, "pre", FIGURE_IDS["pmf"], FIGURE_IDS["softmerge"]]),
     output:
         png=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Figures"),
         pdf="results/figures/pareto.pdf",
@@ -17,12 +17,13 @@ rule figure_pareto:
         "../../envs/smat.yaml"
     localrule: True
     shell:
-        "smat figures {params.figure} --inputs {input} {params.datasets} --out-prefix {params.prefix} > {log} 2>&1"
+        "smat figures {params.figure} --inputs {input.files} {params.datasets} --out-prefix {params.prefix} "
+        "> {log} 2>&1"
 
 
 use rule figure_pareto as figure_dendrogram with:
     input:
-        eval_csvs([FIGURE_IDS["smat"]]),
+        files=eval_csvs([FIGURE_IDS["smat"]]),
     output:
         png=report("results/figures/dendrogram.png", caption="../report/dendrogram.rst", category="Figures"),
         pdf="results/figures/dendrogram.pdf",
@@ -36,7 +37,8 @@ use rule figure_pareto as figure_dendrogram with:
 
 use rule figure_pareto as figure_grad_alignment with:
     input:
-        [f"results/models/{m}/train_log.jsonl" for m in grad_alignment_models()],
+        files=[f"results/models/{m}/train_log.jsonl" for m in grad_alignment_models()],
+        done=[trained(m)[-1] for m in grad_alignment_models()],  # logs are read once training has finished
     output:
         png=report("results/figures/grad_alignment.png", caption="../report/grad_alignment.rst", category="Figures"),
         pdf="results/figures/grad_alignment.pdf",
@@ -50,7 +52,8 @@ use rule figure_pareto as figure_grad_alignment with:
 
 use rule figure_pareto as figure_curves with:
     input:
-        [f"results/models/{FIGURE_IDS[m]}/train_log.jsonl" for m in ("smat", "pmf", "softmerge")],
+        files=[f"results/models/{FIGURE_IDS[m]}/train_log.jsonl" for m in ("smat", "pmf", "softmerge")],
+        done=[trained(FIGURE_IDS[m])[-1] for m in ("smat", "pmf", "softmerge")],
     output:
         png=report("results/figures/curves.png", caption="../report/curves.rst", category="Figures"),
         pdf="results/figures/curves.pdf",
@@ -64,7 +67,7 @@ use rule figure_pareto as figure_curves with:
 
 use rule figure_pareto as figure_capacity with:
     input:
-        f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
+        files=f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
     output:
         type_png=report("results/figures/capacity_type.png", caption="../report/capacity_type.rst", category="Figures"),
         type_pdf="results/figures/capacity_type.pdf",
@@ -82,7 +85,7 @@ use rule figure_pareto as figure_capacity with:
 
 use rule figure_pareto as figure_mask_overlap with:
     input:
-        f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
+        files=f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
     output:
         png=report("results/figures/mask_overlap.png", caption="../report/mask_overlap.rst", category="Figures"),
         pdf="results/figures/mask_overlap.pdf",
