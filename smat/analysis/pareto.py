@@ -85,8 +85,9 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
                        edgecolor="black", linewidth=0.4, zorder=3)
         reference_markers = dict(zip(others["label"], REFERENCE_MARKERS))
         for row in others.itertuples():
-            ax.scatter(row.id, row.ood, color="white", marker=reference_markers[row.label], s=34,
-                       edgecolor="black", linewidth=0.9, zorder=3)
+            # Hollow and on top, so that a SMAT model at the same point stays visible through it.
+            ax.scatter(row.id, row.ood, facecolors="none", marker=reference_markers[row.label], s=34,
+                       edgecolors="black", linewidth=0.9, zorder=4)
         ax.set_xlabel("mean ID accuracy (%)")
         ax.set_ylabel("mean OOD accuracy (%)")
         ax.margins(0.12)
@@ -94,7 +95,7 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
                           markeredgewidth=0.4, label=f"τ = {t:g}") for t in taus]
         handles += [Line2D([], [], linestyle="", marker=markers[m], color="0.6", markeredgecolor="black",
                            markeredgewidth=0.4, label=f"|M| = {m:g}") for m in experts]
-        handles += [Line2D([], [], linestyle="", marker=marker, color="white", markeredgecolor="black",
+        handles += [Line2D([], [], linestyle="", marker=marker, markerfacecolor="none", markeredgecolor="black",
                            markeredgewidth=0.9, label=label) for label, marker in reference_markers.items()]
         handles.append(Line2D([], [], color="0.45", linestyle="--", linewidth=0.9, label="Pareto front"))
         fig.legend(handles=handles, loc="outside right upper", frameon=False, handletextpad=0.3)
