@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_evaluation import ARCH, CPU, build_smat, toy  # noqa: F401  (fixtures)
 
 from smat.data.episodes import load_episode_file
