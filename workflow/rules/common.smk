@@ -216,13 +216,18 @@ def checkpoint(model_id):
     return PRETRAINED if model_id == "pre" else f"results/models/{model_id}/best.pt"
 
 
+def done_marker(model_id):
+    """Written last by `smat train`: the model directory holds a finished model."""
+    return f"results/models/{model_id}/DONE"
+
+
 def trained(model_id):
     """Inputs of every consumer of a model: its checkpoint and, for meta-tuned models, DONE. best.pt exists
-    from the first validation on, so a killed run leaves one behind; DONE, written last, makes Snakemake
-    resume the training before anything reads the model."""
+    from the first validation on, so a killed run leaves one behind; DONE makes Snakemake resume the
+    training before anything reads the model."""
     if model_id == "pre":
         return [PRETRAINED]
-    return [checkpoint(model_id), f"results/models/{model_id}/DONE"]
+    return [checkpoint(model_id), done_marker(model_id)]
 
 
 def model_spec(model_id):

@@ -38,7 +38,7 @@ use rule figure_pareto as figure_dendrogram with:
 use rule figure_pareto as figure_grad_alignment with:
     input:
         files=[f"results/models/{m}/train_log.jsonl" for m in grad_alignment_models()],
-        done=[trained(m)[-1] for m in grad_alignment_models()],  # logs are read once training has finished
+        done=[done_marker(m) for m in grad_alignment_models()],  # logs are read once training has finished
     output:
         png=report("results/figures/grad_alignment.png", caption="../report/grad_alignment.rst", category="Figures"),
         pdf="results/figures/grad_alignment.pdf",
@@ -53,7 +53,7 @@ use rule figure_pareto as figure_grad_alignment with:
 use rule figure_pareto as figure_curves with:
     input:
         files=[f"results/models/{FIGURE_IDS[m]}/train_log.jsonl" for m in ("smat", "pmf", "softmerge")],
-        done=[trained(FIGURE_IDS[m])[-1] for m in ("smat", "pmf", "softmerge")],
+        done=[done_marker(FIGURE_IDS[m]) for m in ("smat", "pmf", "softmerge")],
     output:
         png=report("results/figures/curves.png", caption="../report/curves.rst", category="Figures"),
         pdf="results/figures/curves.pdf",
