@@ -56,7 +56,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     from smat.pretrain import pretrain
 
     pretrain([Path(s) for s in args.store], Path(args.out), config=args.config, overrides=args.set,
-             device=args.device)
+             device=args.device, weights_out=Path(args.weights_out) if args.weights_out else None)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -67,18 +67,33 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from smat.evaluation.evaluate import evaluate
+    from smat.evaluation.evaluate import evaluate_many
 
-    evaluate(args.model, Path(args.episodes), Path(args.store), finetune=args.finetune, lr=args.lr,
-             lr_from=Path(args.lr_from) if args.lr_from else None, label=args.label, limit=args.limit,
-             out=Path(args.out), device=args.device)
+    evaluate_many(args.model, _paths(args.episodes), _paths(args.store), _paths(args.out), finetune=args.finetune,
+                  lr=args.lr, lr_froms=_paths(args.lr_from) if args.lr_from else None, label=args.label,
+                  limit=args.limit, device=args.device)
 
 
 def _select_lr(args: argparse.Namespace) -> None:
-    from smat.evaluation.select_lr import select_lr
+    from smat.evaluation.select_lr import select_lr_many
 
-    select_lr(args.model, Path(args.episodes), Path(args.store), finetune=args.finetune, grid=args.grid,
-              n_episodes=args.n_episodes, out=Path(args.out), device=args.device)
+    select_lr_many(args.model, _paths(args.episodes), _paths(args.store), _paths(args.out), args.finetune,
+                   grids=[_grid(g) for g in args.grid] if args.grid else [None],
+                   n_episodes=args.n_episodes, device=args.device)
+
+
+def _paths(values: list[str]) -> list[Path]:
+    return [Path(value) for value in values]
+
+
+def _grid(values: list[str]) -> list[float] | None:
+    """One `--grid`: learning rates, or `default` alone (the package's grid, for a dataset without its own)."""
+    if values == ["default"]:
+        return None
+    try:
+        return [float(lr) for lr in values]
+    except ValueError:
+        raise SmatError(f"--grid {' '.join(values)}: give learning rates (numbers), or `default` alone") from None
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -157,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--arch", default=None, help="backbone name (needed for URLs and local files)")
 
     pretrain = commands.add_parser("pretrain", parents=[device, overrides],
-                                   help="pre-train the tiny ViT on ID train classes")
+                                   help="pre-train the tiny ViT on the train classes of its corpus")
     pretrain.set_defaults(func=_pretrain)
     pretrain.add_argument("--store", nargs="+", required=True)
     pretrain.add_argument("--config", default=None, help="YAML of pre-training settings")
     pretrain.add_argument("--out", required=True)
+    pretrain.add_argument("--weights-out", default=None,
+                          help="also write the bare weights as FILE.safetensors (byte-identical for equal weights)")
 
     train = commands.add_parser("train", parents=[device, overrides], help="meta-tune (SMAT, PMF, SoftMerge)")
     train.set_defaults(func=_train)
@@ -170,27 +187,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained", required=True)
     train.add_argument("--out", required=True)
 
-    evaluate = commands.add_parser("evaluate", parents=[device], help="evaluate a model on frozen episodes")
+    # One or more datasets per call, so the model is loaded once: --episodes, --store and --out (and
+    # --lr-from) take one value per dataset, paired by position.
+    per_dataset = argparse.ArgumentParser(add_help=False)
+    per_dataset.add_argument("--episodes", nargs="+", required=True, help="frozen episode file per dataset")
+    per_dataset.add_argument("--store", nargs="+", required=True, help="store of each episode file")
+    per_dataset.add_argument("--out", nargs="+", required=True, help="output file per dataset")
+
+    evaluate = commands.add_parser("evaluate", parents=[device, per_dataset],
+                                   help="evaluate a model on frozen episodes of one or more datasets")
     evaluate.set_defaults(func=_evaluate)
     evaluate.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
-    evaluate.add_argument("--episodes", required=True)
-    evaluate.add_argument("--store", required=True)
     evaluate.add_argument("--finetune", choices=["none", "full", "lora"], default="none")
-    evaluate.add_argument("--lr", type=float, default=None)
-    evaluate.add_argument("--lr-from", default=None, help="JSON written by `smat select-lr`")
+    evaluate.add_argument("--lr", type=float, default=None, help="fine-tuning lr for every dataset")
+    evaluate.add_argument("--lr-from", nargs="+", default=None,
+                          help="JSON written by `smat select-lr`, one per dataset")
     evaluate.add_argument("--label", default=None, help="name of this model in tables (default: method)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N episodes only")
-    evaluate.add_argument("--out", required=True)
 
-    select = commands.add_parser("select-lr", parents=[device], help="pick the fine-tuning lr per dataset")
+    select = commands.add_parser("select-lr", parents=[device, per_dataset],
+                                 help="pick the fine-tuning lr of each dataset")
     select.set_defaults(func=_select_lr)
     select.add_argument("--model", required=True)
-    select.add_argument("--episodes", required=True)
-    select.add_argument("--store", required=True)
     select.add_argument("--finetune", choices=["full", "lora"], required=True)
-    select.add_argument("--grid", type=float, nargs="+", default=None)
+    select.add_argument("--grid", nargs="+", action="append", default=None, metavar="LR",
+                        help="learning rates to try; give once for every dataset or once per dataset "
+                             "(`default`: the package's grid)")
     select.add_argument("--n-episodes", type=int, default=5)
-    select.add_argument("--out", required=True)
 
     compare = commands.add_parser("compare", help="paired difference of two result CSVs with its 95%% CI")
     compare.set_defaults(func=_compare)

@@ -81,9 +81,11 @@ def toy(tmp_path_factory) -> SimpleNamespace:
     # 2-way 1-shot episodes keep the 50-step fine-tuning runs short.
     small = root / "small-episodes.json"
     sample_to_file(store, "test", n=2, seed=4, out=small, ways=2, shots=1, queries=2)
+    other_small = root / "other-small-episodes.json"
+    sample_to_file(other, "test", n=2, seed=5, out=other_small, ways=2, shots=1, queries=2)
     pretrained = build_pretrained(root / "tiny.pt")
     return SimpleNamespace(root=root, store=store, other=other, episodes=episodes, small=small,
-                           pretrained=pretrained)
+                           other_small=other_small, pretrained=pretrained)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -258,3 +260,113 @@ def test_cli_evaluate_and_compare(toy, tmp_path, capsys):
                  "--store", str(toy.other), "--out", str(tmp_path / "c.csv"), "--device", "cpu"]) == 2
     assert "fingerprint" in capsys.readouterr().err
     assert json.loads(a.with_suffix(".json").read_text())["label"] == "A"
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("finetune", [[], ["--finetune", "lora", "--lr", "1e-3", "--limit", "1"]],
+                         ids=["none", "lora"])
+def test_cli_evaluate_two_datasets_in_one_call_equals_two_calls(toy, tmp_path, finetune):
+    """One call on two datasets (the model loaded once, LoRA's backbone copy shared) writes what two
+    single-dataset calls write."""
+    from smat.cli import main
+
+    common = ["evaluate", "--model", f"pretrained:{toy.pretrained}", "--device", "cpu", *finetune]
+    pairs = [(toy.small, toy.store), (toy.other_small, toy.other)]
+    singles = [tmp_path / "single" / f"{i}.csv" for i in range(2)]
+    for (episodes, store), out in zip(pairs, singles):
+        assert main([*common, "--episodes", str(episodes), "--store", str(store), "--out", str(out)]) == 0
+    both = [tmp_path / "both" / f"{i}.csv" for i in range(2)]
+    assert main([*common, "--episodes", str(toy.small), str(toy.other_small), "--store", str(toy.store),
+                 str(toy.other), "--out", *map(str, both)]) == 0
+    for single, multi in zip(singles, both):
+        assert without_timing(read_csv(multi)) == without_timing(read_csv(single))
+        one, many = read_json(single.with_suffix(".json")), read_json(multi.with_suffix(".json"))
+        assert {k: many[k] for k in ("dataset", "mean", "ci95", "n", "episodes_file")} == \
+               {k: one[k] for k in ("dataset", "mean", "ci95", "n", "episodes_file")}
+        for key in ("episodes_sha256", "model_sha256", "store_fingerprint", "episodes_seed"):
+            assert many["provenance"][key] == one["provenance"][key]
+    assert [read_csv(out)[0]["dataset"] for out in both] == ["toy", "other"]
+
+
+def test_cli_select_lr_two_datasets_with_their_own_grids(toy, tmp_path, monkeypatch):
+    from smat.cli import main
+
+    monkeypatch.setattr("smat.evaluation.select_lr.DEFAULT_GRID", (0.0,))     # `default`, without 6 fine-tunings
+    common = ["select-lr", "--model", f"pretrained:{toy.pretrained}", "--finetune", "full", "--n-episodes", "1",
+              "--device", "cpu"]
+    grids = [["0", "1e-4"], ["default"]]
+    pairs = [(toy.small, toy.store), (toy.other_small, toy.other)]
+    singles = [tmp_path / f"single-{i}.json" for i in range(2)]
+    for (episodes, store), grid, out in zip(pairs, grids, singles):
+        assert main([*common, "--episodes", str(episodes), "--store", str(store), "--grid", *grid,
+                     "--out", str(out)]) == 0
+    both = [tmp_path / f"both-{i}.json" for i in range(2)]
+    assert main([*common, "--episodes", str(toy.small), str(toy.other_small), "--store", str(toy.store),
+                 str(toy.other), "--grid", *grids[0], "--grid", *grids[1], "--out", *map(str, both)]) == 0
+    for single, multi in zip(singles, both):
+        one, many = read_json(single), read_json(multi)
+        assert {k: v for k, v in many.items() if k != "provenance"} == \
+               {k: v for k, v in one.items() if k != "provenance"}
+    assert [read_json(out)["grid"] for out in both] == [[0.0, 1e-4], [0.0]]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--store", "{store}", "--out", "{out}"], "2 --episodes, 1 --store and 1 --out"),
+    (["--store", "{store}", "{other}", "--out", "{out}", "{out}"], "--out {out} is given twice"),
+    (["--store", "{store}", "{other}", "--out", "{out}", "{out2}", "--finetune", "full", "--lr-from", "{lr}"],
+     "--lr-from: got 1 file(s) for 2 --episodes"),
+])
+def test_cli_evaluate_mismatched_datasets_are_one_line_errors_and_write_nothing(toy, tmp_path, capsys, args,
+                                                                                named):
+    from smat.cli import main
+
+    values = {"store": toy.store, "other": toy.other, "out": tmp_path / "a.csv", "out2": tmp_path / "b.csv",
+              "lr": tmp_path / "lr.json"}
+    argv = ["evaluate", "--model", f"pretrained:{toy.pretrained}", "--episodes", str(toy.small),
+            str(toy.other_small), *(arg.format(**values) for arg in args), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named.format(**values) in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_select_lr_mismatched_datasets_and_grids_are_one_line_errors(toy, tmp_path, capsys):
+    from smat.cli import main
+
+    common = ["select-lr", "--model", f"pretrained:{toy.pretrained}", "--finetune", "full", "--device", "cpu",
+              "--episodes", str(toy.small), str(toy.other_small)]
+    cases = [
+        (["--store", str(toy.store), "--out", str(tmp_path / "a.json")], "2 --episodes, 1 --store and 1 --out"),
+        (["--store", str(toy.store), str(toy.other), "--out", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+          "--grid", "0", "--grid", "0", "--grid", "0"], "--grid: given 3 times for 2 --episodes"),
+        (["--store", str(toy.store), str(toy.other), "--out", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+          "--grid", "0", "fast"], "--grid 0 fast: give learning rates"),
+    ]
+    for args, named in cases:
+        assert main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_evaluate_bad_second_dataset_fails_before_the_first_is_evaluated(toy, tmp_path, capsys):
+    from smat.cli import main
+
+    lr_file = tmp_path / "lr.json"
+    select_lr(f"pretrained:{toy.pretrained}", toy.small, toy.store, finetune="full", grid=[0.0], n_episodes=1,
+              out=lr_file, device="cpu", progress=False)
+    outs = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    common = ["evaluate", "--model", f"pretrained:{toy.pretrained}", "--store", str(toy.store), str(toy.other),
+              "--out", *outs, "--device", "cpu"]
+    cases = [
+        (["--episodes", str(toy.small), str(tmp_path / "missing.json")], "missing.json: file not found"),
+        (["--episodes", str(toy.small), str(toy.other_small), "--finetune", "full", "--lr-from", str(lr_file),
+          str(tmp_path / "missing-lr.json")], "missing-lr.json: file not found"),
+    ]
+    for args, named in cases:
+        assert main([*common, *args]) == 2
+        assert named in capsys.readouterr().err
+        assert not any(Path(out).exists() for out in outs)

@@ -6,14 +6,19 @@ Every episode has its own seed, derived from its index and the episode file's se
 augmentation noise are reproducible and independent of which other episodes are evaluated.
 Pre and PMF without fine-tuning embed each distinct image once (`FeatureCache`); the `seconds` of their
 rows then include an equal share of that embedding time.
+One call may evaluate several datasets (`evaluate_many`): the model is loaded once, which saves the
+workflow a process start and a model load per dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -85,6 +90,12 @@ class EpisodeRunner:
             from smat.evaluation.lora import LoraFinetuner    # peft is slow to import: only when needed
 
             self.lora = LoraFinetuner(model.backbone)
+
+    def on_store(self, store) -> "EpisodeRunner":
+        """This runner on another store, sharing the model and the LoRA copy of its backbone (built once)."""
+        runner = copy.copy(self)
+        runner.store = store
+        return runner
 
     def uses_cache(self, lr: float) -> bool:
         """Task-independent features and no fine-tuning (lr 0 is no fine-tuning): embed every image once."""
@@ -240,6 +251,39 @@ def load_episodes(episodes_path: Path, store, limit: int | None) -> tuple[list, 
     return (episodes[:limit] if limit is not None else episodes), meta
 
 
+@dataclass
+class DatasetRun:
+    """One dataset of a call: its store, its frozen episodes (checked against the store), where results go."""
+    store: Any
+    episodes: list
+    meta: dict
+    episodes_path: Path
+    out: Path
+
+
+def read_datasets(episodes_paths: Sequence, store_paths: Sequence, outs: Sequence,
+                  limit: int | None) -> list[DatasetRun]:
+    """The datasets of `--episodes/--store/--out`, which pair up by position, all read and checked up front."""
+    from smat.data.store import Store
+
+    if not len(episodes_paths) == len(store_paths) == len(outs):
+        raise SmatError(f"--episodes, --store and --out pair up by position, one of each per dataset, but got "
+                        f"{len(episodes_paths)} --episodes, {len(store_paths)} --store and {len(outs)} --out")
+    if not outs:
+        raise SmatError("--episodes: give at least one episode file")
+    seen = set()
+    for out in outs:
+        if os.path.abspath(out) in seen:
+            raise SmatError(f"--out {out} is given twice: every dataset needs its own output file")
+        seen.add(os.path.abspath(out))
+    runs = []
+    for episodes_path, store_path, out in zip(episodes_paths, store_paths, outs):
+        store = Store(Path(store_path))
+        runs.append(DatasetRun(store, *load_episodes(Path(episodes_path), store, limit), Path(episodes_path),
+                               Path(out)))
+    return runs
+
+
 def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: str = "none",
              lr: float | None = None, lr_from: Path | None = None, label: str | None = None,
              limit: int | None = None, out: Path = Path("eval.csv"), device: str = "auto",
@@ -248,32 +292,57 @@ def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: s
 
     Nothing is written unless every episode succeeds. Returns the summary (mean, ci95, n, ...).
     """
+    return evaluate_many(model_spec, [episodes_path], [store_path], [out], finetune=finetune, lr=lr,
+                         lr_froms=[lr_from] if lr_from else None, label=label, limit=limit, device=device,
+                         progress=progress)[0]
+
+
+def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: Sequence[Path],
+                  outs: Sequence[Path], finetune: str = "none", lr: float | None = None,
+                  lr_froms: Sequence[Path] | None = None, label: str | None = None, limit: int | None = None,
+                  device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+    """`evaluate` on each (episodes, store) pair in turn with the model loaded once: pair i writes outs[i]
+    exactly as `evaluate` would, with lr_froms[i] as its lr file. Returns the summaries, in the same order.
+
+    Every input (model file, stores, episode files and their fingerprints, lr files) is checked before the
+    model is loaded, so a bad one fails at once; each dataset's files are written when its episodes are done.
+    """
     if finetune not in FINETUNE_MODES:
         raise SmatError(f"--finetune {finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
-    from smat.data.store import Store
-
+    if lr_froms is not None and len(lr_froms) != len(episodes_paths):
+        raise SmatError(f"--lr-from: got {len(lr_froms)} file(s) for {len(episodes_paths)} --episodes; give one "
+                        f"lr file per dataset, in the same order")
+    model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
-    store = Store(Path(store_path))
-    lr = resolve_lr(finetune, lr, Path(lr_from) if lr_from else None, store.domain)
-    episodes, meta = load_episodes(episodes_path, store, limit)
+    runs = read_datasets(episodes_paths, store_paths, outs, limit)
+    lrs = [resolve_lr(finetune, lr, Path(lr_froms[i]) if lr_froms else None, run.store.domain)
+           for i, run in enumerate(runs)]
     model, info = load_model_with_info(model_spec, torch_device)
-    runner = EpisodeRunner(model, store, finetune, torch_device)
-    results = runner.run(episodes, range(len(episodes)), int(meta.get("seed", 0)), lr, progress=progress,
-                         desc=f"{DISPLAY_NAMES.get(model.method, model.method)} {store.domain} {finetune}")
+    runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
+    return [_evaluate_one(runner.on_store(run.store), run, model_spec, info, run_lr, label, progress)
+            for run, run_lr in zip(runs, lrs)]
+
+
+def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info: dict[str, Any], lr: float,
+                  label: str | None, progress: bool) -> dict[str, Any]:
+    """Run one dataset's episodes and write its OUT.csv and OUT.json; return the summary."""
+    method, store, finetune = runner.model.method, run.store, runner.finetune
+    results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,
+                         progress=progress, desc=f"{DISPLAY_NAMES.get(method, method)} {store.domain} {finetune}")
     fixed = {
-        "label": label or DISPLAY_NAMES.get(model.method, model.method),
+        "label": label or DISPLAY_NAMES.get(method, method),
         **{key: info[key] for key in ("model_id", "method", "mls", "meta", "dt", "ie", "tau", "experts",
                                       "config_hash")},
         "dataset": store.domain, "finetune": finetune, "lr": lr, "smat_version": smat.__version__,
     }
     rows = [{**fixed, **result} for result in results]
-    summary = write_results(rows, Path(out), extra={
+    summary = write_results(rows, run.out, extra={
         "model": model_spec,
-        "episodes_file": str(episodes_path),
+        "episodes_file": str(run.episodes_path),
         "provenance": provenance(
-            episodes_sha256=sha256_file(episodes_path), model_sha256=info["model_sha256"],
-            store_fingerprint=store.fingerprint, episodes_seed=meta.get("seed"), device=str(torch_device)),
+            episodes_sha256=sha256_file(run.episodes_path), model_sha256=info["model_sha256"],
+            store_fingerprint=store.fingerprint, episodes_seed=run.meta.get("seed"), device=str(runner.device)),
     })
-    log.info("%s: %s on %s (%s): %.2f ± %s over %d episodes", out, fixed["label"], store.domain, finetune,
+    log.info("%s: %s on %s (%s): %.2f ± %s over %d episodes", run.out, fixed["label"], store.domain, finetune,
              summary["mean"], "n/a" if summary["ci95"] is None else f"{summary['ci95']:.2f}", summary["n"])
     return summary

@@ -3,6 +3,7 @@
 The workflow passes a separate frozen "hps" episode file, sampled from the test split with another seed, so
 the episodes that choose the lr are not the ones it is then scored on (the released code reuses its test
 loader; spec §3.4). The chosen lr is written to LR.json, which `smat evaluate --lr-from` reads.
+One call may search several datasets (`select_lr_many`), each with its own grid; the model is loaded once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from smat.device import resolve_device
-from smat.evaluation.evaluate import DISPLAY_NAMES, EpisodeRunner, load_episodes, load_model_with_info
+from smat.evaluation.evaluate import (DISPLAY_NAMES, DatasetRun, EpisodeRunner, load_model_with_info, model_file,
+                                      read_datasets)
 from smat.io import SmatError, provenance, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -31,18 +33,8 @@ def best_lr(grid: Sequence[float], scores: Sequence[float]) -> float:
     return best
 
 
-def select_lr(model_spec: str, episodes_path: Path, store_path: Path, finetune: str,
-              grid: Sequence[float] | None = None, n_episodes: int = 5, out: Path = Path("lr.json"),
-              device: str = "auto", progress: bool = True) -> float:
-    """Fine-tune on the first `n_episodes` episodes with every lr of `grid`; write LR.json, return the best lr.
-
-    LR.json: {"dataset", "finetune", "grid", "scores": {str(lr): mean accuracy %}, "best_lr", "n_episodes",
-    "model_id", "provenance"}. Every lr sees the same episodes with the same seeds, so the scores are paired.
-    """
-    from smat.data.store import Store
-
-    if finetune not in ("full", "lora"):
-        raise SmatError(f"--finetune {finetune!r}: the lr search is for full or lora fine-tuning")
+def check_grid(grid: Sequence[float] | None) -> list[float]:
+    """The grid to search (DEFAULT_GRID for None), checked."""
     grid = list(DEFAULT_GRID if grid is None else grid)
     if not grid:
         raise SmatError("--grid is empty: give at least one learning rate (e.g. 0 1e-5 1e-4 1e-3)")
@@ -51,30 +43,68 @@ def select_lr(model_spec: str, episodes_path: Path, store_path: Path, finetune: 
         raise SmatError(f"--grid: learning rate(s) {bad} must be finite numbers >= 0 (0 = no fine-tuning)")
     if len(set(grid)) != len(grid):
         raise SmatError(f"--grid {grid}: a learning rate is listed twice")
+    return grid
+
+
+def select_lr(model_spec: str, episodes_path: Path, store_path: Path, finetune: str,
+              grid: Sequence[float] | None = None, n_episodes: int = 5, out: Path = Path("lr.json"),
+              device: str = "auto", progress: bool = True) -> float:
+    """Fine-tune on the first `n_episodes` episodes with every lr of `grid`; write LR.json, return the best lr.
+
+    LR.json: {"dataset", "finetune", "grid", "scores": {str(lr): mean accuracy %}, "best_lr", "n_episodes",
+    "model_id", "provenance"}. Every lr sees the same episodes with the same seeds, so the scores are paired.
+    """
+    return select_lr_many(model_spec, [episodes_path], [store_path], [out], finetune, grids=[grid],
+                          n_episodes=n_episodes, device=device, progress=progress)[0]
+
+
+def select_lr_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: Sequence[Path],
+                   outs: Sequence[Path], finetune: str, grids: Sequence[Sequence[float] | None] = (None,),
+                   n_episodes: int = 5, device: str = "auto", progress: bool = True) -> list[float]:
+    """`select_lr` on each (episodes, store) pair in turn with the model loaded once: pair i writes outs[i].
+
+    `grids` holds one grid for every dataset, or one per dataset in the same order (None: DEFAULT_GRID).
+    Every input is checked before the model is loaded. Returns the best lrs, in the same order.
+    """
+    if finetune not in ("full", "lora"):
+        raise SmatError(f"--finetune {finetune!r}: the lr search is for full or lora fine-tuning")
+    if len(grids) not in (1, len(episodes_paths)):
+        raise SmatError(f"--grid: given {len(grids)} times for {len(episodes_paths)} --episodes; give it once "
+                        f"(for every dataset) or once per dataset, in the same order")
+    grids = [check_grid(grid) for grid in grids]
+    if len(grids) == 1:
+        grids = grids * len(episodes_paths)
     if n_episodes < 1:
         raise SmatError(f"--n-episodes {n_episodes}: must be at least 1")
+    model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
-    store = Store(Path(store_path))
-    episodes, meta = load_episodes(episodes_path, store, n_episodes)
+    runs = read_datasets(episodes_paths, store_paths, outs, n_episodes)
     model, info = load_model_with_info(model_spec, torch_device)
-    runner = EpisodeRunner(model, store, finetune, torch_device)
-    name = DISPLAY_NAMES.get(model.method, model.method)
+    runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
+    return [_select_one(runner.on_store(run.store), run, grid, model_spec, info, progress)
+            for run, grid in zip(runs, grids)]
+
+
+def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model_spec: str, info: dict,
+                progress: bool) -> float:
+    """Score every lr of `grid` on one dataset's episodes; write its LR.json and return the best lr."""
+    name, domain, finetune = DISPLAY_NAMES.get(info["method"], info["method"]), run.store.domain, runner.finetune
     scores = []
     for lr in grid:
-        results = runner.run(episodes, range(len(episodes)), int(meta.get("seed", 0)), lr, progress=progress,
-                             desc=f"lr search {name} {store.domain} {finetune} lr={lr:g}")
+        results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,
+                             progress=progress, desc=f"lr search {name} {domain} {finetune} lr={lr:g}")
         scores.append(sum(r["accuracy"] for r in results) / len(results))
-        log.info("%s %s %s lr=%g: %.2f%%", name, store.domain, finetune, lr, scores[-1])
+        log.info("%s %s %s lr=%g: %.2f%%", name, domain, finetune, lr, scores[-1])
     chosen = best_lr(grid, scores)
-    write_json(out, {
-        "dataset": store.domain,
+    write_json(run.out, {
+        "dataset": domain,
         "finetune": finetune,
         "grid": grid,
         "scores": {str(lr): score for lr, score in zip(grid, scores)},
         "best_lr": chosen,
-        "n_episodes": len(episodes),
+        "n_episodes": len(run.episodes),
         "model_id": info["model_id"],
-        "provenance": provenance(model=model_spec, episodes_file=str(episodes_path),
-                                 episodes_sha256=sha256_file(episodes_path), device=str(torch_device)),
+        "provenance": provenance(model=model_spec, episodes_file=str(run.episodes_path),
+                                 episodes_sha256=sha256_file(run.episodes_path), device=str(runner.device)),
     })
     return chosen

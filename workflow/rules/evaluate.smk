@@ -1,23 +1,24 @@
-# Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (spec §3.5).
+# Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (spec §3.5);
+# one job per (model, mode) searches every dataset (common.smk: per_dataset).
 rule select_lr:
     input:
         model=lambda wildcards: trained(wildcards.model_id),
-        episodes="results/episodes/{dataset}/hps.json",
-        store=lambda wildcards: manifest(wildcards.dataset),
+        episodes=per_dataset("results/episodes/{dataset}/hps.json"),
+        stores=EVAL_MANIFESTS,
     output:
-        "results/lr/{model_id}/{dataset}/{finetune}.json",
+        per_dataset("results/lr/{model_id}/{dataset}/{finetune}.json"),
     wildcard_constraints:
         finetune="full|lora",
     params:
         model=lambda wildcards: model_spec(wildcards.model_id),
-        store=lambda wildcards: store(wildcards.dataset),
-        grid=lambda wildcards: lr_grid(wildcards.dataset),
+        stores=EVAL_STORES,
+        grid=lr_grid_args(),
         n_episodes=config["episodes"]["hps"]["n"],
         device=DEVICE,
     log:
-        "logs/select_lr/{model_id}/{dataset}/{finetune}.log",
+        "logs/select_lr/{model_id}/{finetune}.log",
     benchmark:
-        "results/benchmarks/select_lr/{model_id}/{dataset}/{finetune}.tsv"
+        "results/benchmarks/select_lr/{model_id}/{finetune}.tsv"
     conda:
         "../../envs/smat.yaml"
     threads: JOBS["evaluate"]["threads"]
@@ -27,26 +28,27 @@ rule select_lr:
         gpu=gpus("evaluate"),
         gpu_model=gpu_model("evaluate"),
     shell:
-        "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.store} "
+        "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.stores} "
         "--finetune {wildcards.finetune} {params.grid} --n-episodes {params.n_episodes} --out {output} "
         "--device {params.device} > {log} 2>&1"
 
 
+# One job per (model, mode) evaluates every dataset, writing each dataset's CSV and JSON.
 rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        csv="results/eval/{model_id}/{dataset}/{finetune}.csv",
-        summary="results/eval/{model_id}/{dataset}/{finetune}.json",
+        csv=per_dataset("results/eval/{model_id}/{dataset}/{finetune}.csv"),
+        summary=per_dataset("results/eval/{model_id}/{dataset}/{finetune}.json"),
     params:
         model=lambda wildcards: model_spec(wildcards.model_id),
-        store=lambda wildcards: store(wildcards.dataset),
+        stores=EVAL_STORES,
         options=evaluation_args,
         device=DEVICE,
     log:
-        "logs/evaluate/{model_id}/{dataset}/{finetune}.log",
+        "logs/evaluate/{model_id}/{finetune}.log",
     benchmark:
-        "results/benchmarks/evaluate/{model_id}/{dataset}/{finetune}.tsv"
+        "results/benchmarks/evaluate/{model_id}/{finetune}.tsv"
     conda:
         "../../envs/smat.yaml"
     threads: JOBS["evaluate"]["threads"]
@@ -56,5 +58,5 @@ rule evaluate:
         gpu=gpus("evaluate"),
         gpu_model=gpu_model("evaluate"),
     shell:
-        "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.store} "
+        "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.stores} "
         "--finetune {wildcards.finetune} {params.options} --out {output.csv} --device {params.device} > {log} 2>&1"
