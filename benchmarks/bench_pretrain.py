@@ -1,13 +1,16 @@
 """Pre-training budget and feature quality on the embedded benchmark.
 
 Builds the embedded benchmark and its stores under --work (once), runs `smat pretrain` with the default
-settings (config/pretrain/embedded.yaml, plus any --set), then scores frozen features with 5-way 5-shot
-nearest-prototype (cosine) episodes: on the test classes of every ID domain and on every OOD domain, 100
-fixed episodes each, against raw pixels (the same normalised test-transform input, flattened) and against
-the same network with random weights. Prints a table and merges the numbers, the wall time, the CPU time
-and the machine load into benchmarks/results/pretrain.json under --label.
+settings (config/pretrain/embedded.yaml, plus any --set) on the train classes of the pre-training corpus
+(the benchmark's `pretrain` domains), then scores frozen features with 5-way 5-shot nearest-prototype
+(cosine) episodes on the test classes of every domain, 100 fixed episodes each, against raw pixels (the
+same normalised test-transform input, flattened) and against the same network with random weights. Prints
+a table and merges the numbers, the wall time, the CPU time and the machine load into
+benchmarks/results/pretrain.json under --label. --check-committed also compares the weights, byte for
+byte, with the committed backbone that the default workflow fetches.
 
     python benchmarks/bench_pretrain.py --work /tmp/smat-bench [--label NAME] [--set KEY=VALUE] [--threads N]
+                                        [--check-committed]
 """
 
 from __future__ import annotations
@@ -27,29 +30,30 @@ from smat.data.embedded import build_embedded
 from smat.data.episodes import sample_episodes
 from smat.data.store import Store, convert_imagefolder
 from smat.data.transforms import test_transform
-from smat.io import provenance, read_json, write_json
+from smat.io import provenance, read_json, sha256_file, write_json
 from smat.models.backbones import create_backbone
 from smat.models.checkpoint import load_pretrained
 from smat.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
+COMMITTED = ROOT / "config" / "pretrained" / "vit_tiny_patch4_32-embedded.safetensors"
 WAYS, SHOTS, QUERIES, EPISODES, SEED = 5, 5, 15, 100, 0
 
 
-def prepare(work: Path) -> tuple[list[Path], list[Path]]:
-    """(ID stores, OOD stores), building the raw benchmark and converting it when missing."""
+def prepare(work: Path) -> dict[str, list[Path]]:
+    """Stores by benchmark role, building the raw benchmark and converting it when missing."""
     raw = work / "raw"
     if not (raw / "benchmark.json").is_file():
         build_embedded(raw, size="default", seed=0)
     domains = read_json(raw / "benchmark.json")["domains"]
-    stores = {"id": [], "ood": []}
+    stores = {"pretrain": [], "id": [], "ood": []}
     for name, info in domains.items():
         store = work / "stores" / name
-        if not (store / "manifest.json").is_file():
-            convert_imagefolder(raw / name, store, role=info["role"], domain=name)
+        if not (store / "manifest.json").is_file():  # the class splits come from the domain's splits.json
+            convert_imagefolder(raw / name, store, role="ood" if info["role"] == "ood" else "id", domain=name)
         stores[info["role"]].append(store)
-    return stores["id"], stores["ood"]
+    return stores
 
 
 def episode_accuracies(store: Store, features: dict[int, torch.Tensor]) -> np.ndarray:
@@ -91,16 +95,19 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "config/pretrain/embedded.yaml"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 measures CPU cost best on a shared machine")
+    parser.add_argument("--check-committed", action="store_true",
+                        help=f"compare the weights byte for byte with {COMMITTED.relative_to(ROOT)}")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    id_stores, ood_stores = prepare(args.work)
+    stores = prepare(args.work)
     out = args.work / f"pretrained-{args.label}.pt"
+    weights = out.with_suffix(".safetensors")
     out.with_name(out.name + ".partial").unlink(missing_ok=True)
     load_before = os.getloadavg()
     cpu_before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    pretrain(id_stores, out, config=args.config, overrides=args.set, device="cpu")
+    pretrain(stores["pretrain"], out, config=args.config, overrides=args.set, device="cpu", weights_out=weights)
     wall = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -110,14 +117,14 @@ def main() -> int:
     torch.manual_seed(0)
     encoders = {"features": backbone.eval(), "random_init": create_backbone(record["arch"]).eval(), "pixels": None}
     domains = {}
-    print(f"\n{'domain':<20}{'role':<5}" + "".join(f"{name:>16}" for name in encoders))
-    for role, stores in (("id", id_stores), ("ood", ood_stores)):
-        for root in stores:
+    print(f"\n{'domain':<20}{'role':<9}" + "".join(f"{name:>16}" for name in encoders))
+    for role, roots in stores.items():
+        for root in roots:
             store = Store(root)
             features = class_features(store, encoders)
             scores = {name: summary(episode_accuracies(store, features[name])) for name in encoders}
             domains[store.domain] = {"role": role, **scores}
-            print(f"{store.domain:<20}{role:<5}" + "".join(
+            print(f"{store.domain:<20}{role:<9}" + "".join(
                 f"{s['mean']:>9.1f} ± {s['ci95']:<4.1f}" for s in scores.values()))
     id_wins = sum(d["features"]["mean"] > d["pixels"]["mean"] for d in domains.values() if d["role"] == "id")
     n_id = sum(d["role"] == "id" for d in domains.values())
@@ -148,6 +155,10 @@ def main() -> int:
           f"mean OOD {result['mean_ood']}")
     print(f"pre-training: {wall:.0f} s wall, {cpu:.0f} s CPU, {result['train_images_per_second']} img/s, "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores")
+    if args.check_committed:
+        same = sha256_file(weights) == sha256_file(COMMITTED)
+        result["matches_committed"] = same
+        print(f"weights {'are identical to' if same else 'DIFFER from'} {COMMITTED.relative_to(ROOT)}")
     results = read_json(RESULTS) if RESULTS.is_file() else {}
     results[args.label] = result
     write_json(RESULTS, results)

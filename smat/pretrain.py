@@ -1,12 +1,13 @@
 """Pre-training of the tiny ViT for the embedded benchmark: the offline stand-in for DINO's θ_pre.
 
-Objective: joint supervised classification over the union of the train classes of all given ID stores
-(a linear head on the CLS feature, cross-entropy, AdamW, linear warm-up then cosine decay, per-step
+Objective: joint supervised classification over the union of the train classes of all given stores (the
+embedded default: the pre-training corpus of textures, sketches, signs and fractals, disjoint from the
+alphabets that meta-tuning sees, as ImageNet is for DINO) (a linear head on the CLS feature, cross-entropy, AdamW, linear warm-up then cosine decay, per-step
 schedule), with progressive resizing: the first `low_res_epochs` see 16-px crops (a quarter of the tokens,
 the position embeddings resampled on the fly), the last ones full-size crops. Why this objective: it is
 generic and, like DINO, not episodic, so the features are not tuned for few-shot episodes and meta-tuning
-has something to add; and it learns useful features fastest within the CPU budget (<= 4 minutes on 2
-cores for the default benchmark), where self-supervised objectives need many more epochs. Why progressive
+has something to add; and it learns useful features fastest within a CPU budget of minutes, where
+self-supervised objectives need many more epochs. Why progressive
 resizing: at equal CPU time it more than doubles the epochs: +9 points of few-shot accuracy (5 full-size
 epochs vs the default 10 + 2, benchmarks/results/pretrain.json).
 
@@ -40,7 +41,7 @@ from smat.data.transforms import train_transform
 from smat.device import resolve_device
 from smat.io import SmatError, atomic_path, provenance, stable_hash
 from smat.models.backbones import backbone_spec, create_backbone
-from smat.models.checkpoint import save_checkpoint
+from smat.models.checkpoint import export_weights, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ class TrainSet:
     stores: list[dict[str, Any]]  # what was read, for provenance
 
 
-def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[str], device: str) -> None:
-    """Pre-train `config.arch` on the train classes of `stores`; write a smat-backbone/1 checkpoint to `out`."""
+def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[str], device: str,
+             weights_out: Path | None = None) -> None:
+    """Pre-train `config.arch` on the train classes of `stores`; write a smat-backbone/1 checkpoint to `out`
+    and, if asked, the bare weights as safetensors to `weights_out` (what `smat fetch` takes)."""
     cfg = load_config(PretrainConfig, config, overrides)
     out = Path(out)
     data = load_train_set([Path(s) for s in stores], cfg.image_size)
@@ -177,6 +180,9 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
         "provenance": provenance(seed=cfg.seed, config_hash=run_key),
     }
     save_checkpoint(out, cfg.arch, backbone.vit.state_dict(), source="pretrain", sha256=None, meta=meta)
+    if weights_out is not None:
+        digest = export_weights(backbone.vit.state_dict(), weights_out)
+        log.info("%s: weights as safetensors, sha256 %s", weights_out, digest)
     partial.unlink(missing_ok=True)
     log.info("%s: %s pre-trained on %d classes, %d images, %d steps in %.0f s", out, cfg.arch,
              len(data.class_names), len(data.labels), total, seconds)

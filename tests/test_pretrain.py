@@ -102,6 +102,21 @@ def test_interrupted_runs_resume_to_identical_weights(tmp_path, stores, pretrain
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_rerun_regenerates_the_weights_file_byte_for_byte(tmp_path, stores, pretrained):
+    """The default workflow fetches a committed backbone by sha256: `smat pretrain` must reproduce it."""
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    for name, weights in (("first.pt", first), ("second.pt", second)):
+        assert main(["pretrain", "--store", str(stores[0]), "--out", str(tmp_path / name), "--device", "cpu",
+                     "--weights-out", str(weights), *[f"--set={o}" for o in TINY]]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    exported = load_file(str(first))
+    in_checkpoint = read_checkpoint(pretrained)["state_dict"]
+    assert exported.keys() == in_checkpoint.keys()
+    assert all(torch.equal(exported[k], in_checkpoint[k]) for k in exported)
+
+
 def test_refuses_stores_without_train_classes_and_bad_settings(tmp_path, stores):
     id_store, ood_store = stores
     out = tmp_path / "x.pt"

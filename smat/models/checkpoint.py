@@ -78,6 +78,16 @@ def save_checkpoint(out: Path, arch: str, state_dict: dict[str, torch.Tensor], s
         torch.save(record, tmp)
 
 
+def export_weights(state_dict: dict[str, torch.Tensor], out: Path) -> str:
+    """Write bare backbone weights as safetensors, the format of a committed backbone (config/pretrained/):
+    no pickle, no timestamps, so equal weights give equal bytes. Returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(out)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+    return sha256_file(Path(out))
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint record, validated: a dict in FORMAT with a known arch."""
     path = Path(path)
