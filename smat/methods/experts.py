@@ -58,6 +58,7 @@ class SparseInterpolatedExperts(nn.Module):
         self.hard_concrete = gates
         self.delta = nn.Parameter(torch.zeros(layout.size))
         self.log_alpha = nn.Parameter(torch.empty(n_experts, layout.size).normal_(init_mean, init_std))
+        self._eval_gates: tuple[tuple, Tensor] | None = None
 
     def gates(self, training: bool) -> Tensor:
         """(M, N) gate values. Training clamps log α in place first (spec §1.3); eval reads a clamped copy,
@@ -65,8 +66,15 @@ class SparseInterpolatedExperts(nn.Module):
         if training:
             self.hard_concrete.clamp_(self.log_alpha)
             return self.hard_concrete.sample(self.log_alpha, training=True)
-        g = self.hard_concrete
-        return g.sample(self.log_alpha.detach().clamp(g.log_alpha_min, g.log_alpha_max), training=False)
+        # Eval gates are deterministic: computed once per state of log α (its version counts in-place
+        # updates), they cost a fifth of an evaluation episode otherwise.
+        key = (self.log_alpha.data_ptr(), self.log_alpha._version, self.log_alpha.device)
+        if self._eval_gates is None or self._eval_gates[0] != key:
+            g = self.hard_concrete
+            with torch.no_grad():
+                gates = g.sample(self.log_alpha.detach().clamp(g.log_alpha_min, g.log_alpha_max), training=False)
+            self._eval_gates = (key, gates)
+        return self._eval_gates[1]
 
     def update(self, alpha: Tensor, gates: Tensor) -> Tensor:
         with _fp32(self.delta.device):
