@@ -39,13 +39,18 @@ def description(built) -> dict:
 def test_benchmark_description(built, description):
     assert description["seed"] == 0 and description["size"] == "ci"
     domains = description["domains"]
-    id_domains = [n for n, d in domains.items() if d["role"] == "id"]
-    ood_domains = [n for n, d in domains.items() if d["role"] == "ood"]
-    assert len(id_domains) >= 10 and len(ood_domains) >= 4
-    assert "digits" in ood_domains and domains["digits"]["n_classes"] == 10
-    for name in id_domains:
-        assert domains[name]["n_classes"] == CI.id_classes
-        assert domains[name]["images_per_class"] == CI.images_per_class
+    by_role = {role: [n for n, d in domains.items() if d["role"] == role] for role in ("pretrain", "id", "ood")}
+    assert sum(map(len, by_role.values())) == len(domains)
+    assert len(by_role["pretrain"]) >= 4 and len(by_role["id"]) >= 6 and len(by_role["ood"]) >= 4
+    assert "digits" in by_role["ood"] and domains["digits"]["n_classes"] == 10
+    # The meta-training domains are alphabets; the pre-training corpus holds none (as DINO's ImageNet).
+    assert {domains[n]["kind"] for n in by_role["id"]} == {"glyphs"}
+    assert "glyphs" not in {domains[n]["kind"] for n in by_role["pretrain"]}
+    for role, classes, images in (("id", CI.id_classes, CI.images_per_class),
+                                  ("pretrain", CI.pretrain_classes, CI.pretrain_images)):
+        for name in by_role[role]:
+            assert domains[name]["n_classes"] == classes and domains[name]["images_per_class"] == images, name
+    ood_domains = by_role["ood"]
     for name in ood_domains:
         assert domains[name]["n_classes"] >= 5
     top_level = {p.name for p in built.iterdir()}

@@ -29,6 +29,9 @@ def project_path(path):
 DATASETS = config["datasets"]
 ID_DATASETS = [name for name, dataset in DATASETS.items() if dataset["role"] == "id"]
 OOD_DATASETS = [name for name, dataset in DATASETS.items() if dataset["role"] == "ood"]
+EVAL_DATASETS = ID_DATASETS + OOD_DATASETS  # role "pretrain" datasets only feed the pre-training
+# The pre-training corpus (backbone.pretrain.datasets; default: the ID datasets), read on its train classes.
+PRETRAIN_DATASETS = config["backbone"].get("pretrain", {}).get("datasets") or ID_DATASETS
 EMBEDDED_RAW = "resources/raw/embedded"
 
 
@@ -38,6 +41,18 @@ def check_config():
         raise WorkflowError(
             "config: datasets has no dataset with role 'id'; meta-training needs at least one "
             "(set role: id on a dataset with train/val/test classes)"
+        )
+    unknown = [n for n in PRETRAIN_DATASETS if n not in DATASETS]
+    if unknown:
+        raise WorkflowError(
+            f"config: backbone.pretrain.datasets names {', '.join(unknown)}, which datasets does not define; "
+            "add them to datasets (role: pretrain if they should not be evaluated)"
+        )
+    unused = [n for n, d in DATASETS.items() if d["role"] == "pretrain" and n not in PRETRAIN_DATASETS]
+    if unused:
+        raise WorkflowError(
+            f"config: dataset(s) {', '.join(unused)} have role pretrain but backbone.pretrain.datasets does "
+            "not list them; list them there or give them role id or ood"
         )
     uses_md = [n for n, d in DATASETS.items() if "meta_dataset" in d["source"]]
     if uses_md and not config["paths"]["meta_dataset"]:
@@ -235,21 +250,45 @@ def model_spec(model_id):
     return f"pretrained:{PRETRAINED}" if model_id == "pre" else checkpoint(model_id)
 
 
+# One evaluation (and lr-selection) job per (model, fine-tuning mode) covers every dataset of EVAL_DATASETS,
+# so each job starts Python and loads the model once. Its per-dataset files are in EVAL_DATASETS order, which
+# pairs --episodes, --store, --out, --lr-from and --grid by position.
+
+
+def per_dataset(pattern):
+    """`pattern` for every evaluated dataset, its other wildcards left to the rule."""
+    return expand(pattern, dataset=EVAL_DATASETS, allow_missing=True)
+
+
+EVAL_STORES = [store(dataset) for dataset in EVAL_DATASETS]
+EVAL_MANIFESTS = [manifest(dataset) for dataset in EVAL_DATASETS]
+
+
 def evaluation_inputs(wildcards):
-    inputs = {"model": trained(wildcards.model_id), "episodes": f"results/episodes/{wildcards.dataset}/test.json",
-              "store": manifest(wildcards.dataset)}
+    inputs = {"model": trained(wildcards.model_id), "episodes": per_dataset("results/episodes/{dataset}/test.json"),
+              "stores": EVAL_MANIFESTS}
     if wildcards.finetune != "none":
-        inputs["lr"] = f"results/lr/{wildcards.model_id}/{wildcards.dataset}/{wildcards.finetune}.json"
+        inputs["lr"] = [f"results/lr/{wildcards.model_id}/{dataset}/{wildcards.finetune}.json"
+                        for dataset in EVAL_DATASETS]
     return inputs
 
 
 def evaluation_args(wildcards, input):
     args = [f"--label {shlex.quote(MODELS[wildcards.model_id]['label'])}"]
     if wildcards.finetune != "none":
-        args.append(f"--lr-from {input.lr}")
+        args.append(f"--lr-from {' '.join(input.lr)}")
         if config["evaluation"]["finetune_episodes"]:
             args.append(f"--limit {config['evaluation']['finetune_episodes']}")
     return " ".join(args)
+
+
+def lr_grid_args():
+    """`--grid` of `smat select-lr`: once if every dataset searches the same grid, else once per dataset
+    (`default`: the package's grid, for a dataset without one while another has its own)."""
+    grids = [lr_grid(dataset) for dataset in EVAL_DATASETS]
+    if len(set(grids)) == 1:
+        return grids[0]
+    return " ".join(grid or "--grid default" for grid in grids)
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -259,7 +298,7 @@ DATASET_ARGS = " ".join(["--id-datasets", *ID_DATASETS, "--ood-datasets", *OOD_D
 
 
 def eval_csvs(model_ids, finetunes=("none",), datasets=None):
-    return [f"results/eval/{m}/{d}/{f}.csv" for m in model_ids for f in finetunes for d in (datasets or DATASETS)]
+    return [f"results/eval/{m}/{d}/{f}.csv" for m in model_ids for f in finetunes for d in (datasets or EVAL_DATASETS)]
 
 
 def table_outputs(name):
@@ -295,8 +334,10 @@ JOBS = config["compute"]["jobs"]
 
 
 def runtime(kind):
-    """Minutes for a job of `kind`; a retried job (`--retries`) gets proportionally more."""
-    return lambda wildcards, attempt: JOBS[kind]["runtime"] * attempt
+    """Minutes for a job of `kind`; a retried job (`--retries`) gets proportionally more. An evaluation
+    job covers every evaluated dataset, so its configured runtime is per dataset."""
+    per_job = len(EVAL_DATASETS) if kind == "evaluate" else 1
+    return lambda wildcards, attempt: JOBS[kind]["runtime"] * per_job * attempt
 
 
 def mem_mb(kind):

@@ -27,7 +27,8 @@ rule convert_dataset:
     params:
         src=lambda wildcards: source_folder(wildcards.dataset),
         out=lambda wildcards, output: os.path.dirname(output.manifest),
-        role=lambda wildcards: DATASETS[wildcards.dataset]["role"],
+        # Without a splits file, a pre-training dataset is split into classes like an ID one.
+        role=lambda wildcards: "ood" if DATASETS[wildcards.dataset]["role"] == "ood" else "id",
         options=conversion_args,
     log:
         "logs/convert_dataset/{dataset}.log",

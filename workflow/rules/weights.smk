@@ -1,11 +1,17 @@
 if "fetch" in config["backbone"]:
 
-    # Downloads need the internet: on a cluster this runs on the login node (localrule), once.
+    # Downloads need the internet: on a cluster this runs on the login node (localrule), once. A local
+    # file (the embedded default's committed backbone) is an input, so a changed file is fetched again.
+    FETCH_SOURCE = project_path(config["backbone"]["fetch"]["source"])
+
     rule fetch_backbone:
+        input:
+            [FETCH_SOURCE] if Path(FETCH_SOURCE).is_file() else [],
         output:
             PRETRAINED,
         params:
-            source=config["backbone"]["fetch"]["source"],
+            source=lambda wildcards, input: input[0] if input else FETCH_SOURCE,
+            arch=BACKBONE,
             sha256=lambda wildcards: (
                 f"--sha256 {config['backbone']['fetch']['sha256']}"
                 if config["backbone"]["fetch"]["sha256"]
@@ -17,19 +23,19 @@ if "fetch" in config["backbone"]:
             "../../envs/smat.yaml"
         localrule: True
         shell:
-            "smat fetch {params.source:q} --arch {BACKBONE} {params.sha256} --out {output} > {log} 2>&1"
+            "smat fetch {params.source:q} --arch {params.arch} {params.sha256} --out {output} > {log} 2>&1"
 
 else:
 
-    # No pre-trained weights can be downloaded offline: pre-train the tiny ViT on the ID train classes.
+    # Pre-train the backbone here (offline) on the train classes of the pre-training corpus.
     rule pretrain_backbone:
         input:
             config=project_path(config["backbone"]["pretrain"]["config"]),
-            stores=[manifest(d) for d in ID_DATASETS],
+            stores=[manifest(d) for d in PRETRAIN_DATASETS],
         output:
             PRETRAINED,
         params:
-            stores=[store(d) for d in ID_DATASETS],
+            stores=[store(d) for d in PRETRAIN_DATASETS],
             device=DEVICE,
         log:
             f"logs/pretrain_backbone/{BACKBONE}.log",

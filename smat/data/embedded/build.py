@@ -42,25 +42,38 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Size:
-    id_classes: int  # classes per in-domain domain
+    id_classes: int  # classes per meta-training (glyph) domain
     ood_classes: int  # classes per out-of-domain domain (digits: all 10)
-    images_per_class: int
+    images_per_class: int  # of the id and ood domains
+    pretrain_classes: int  # classes per pre-training domain: the broad corpus in ImageNet's role
+    pretrain_images: int
     digit_images: int  # real digits per class (there are ~180)
     group_sizes: tuple[int, int]  # classes per glyph group ("alphabet"), inclusive range
 
 
 SIZES = {
-    "default": Size(id_classes=100, ood_classes=60, images_per_class=20, digit_images=40, group_sizes=(8, 14)),
-    "ci": Size(id_classes=25, ood_classes=10, images_per_class=8, digit_images=8, group_sizes=(5, 5)),
+    "default": Size(id_classes=100, ood_classes=60, images_per_class=20, pretrain_classes=400, pretrain_images=12,
+                    digit_images=40, group_sizes=(8, 14)),
+    "ci": Size(id_classes=25, ood_classes=10, images_per_class=8, pretrain_classes=25, pretrain_images=8,
+               digit_images=8, group_sizes=(5, 5)),
 }
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str
-    role: str  # "id": meta-train on train classes, test on test classes; "ood": test only
+    role: str  # "pretrain", "id" or "ood": see ROLES
     kind: str  # generator family
 
+
+# The benchmark mirrors the paper's structure (docs/METHOD.md, "The embedded benchmark"): a broad
+# pre-training corpus of pictures in ImageNet's role, meta-training domains that the corpus does not cover
+# (alphabets, as Omniglot is to DINO), and test-only domains.
+ROLES = {
+    "pretrain": "pre-train on its train classes; its test classes are novel classes of a pre-training domain",
+    "id": "meta-train on train classes (val classes select checkpoints), test on test classes",
+    "ood": "test only: every class is a test class",
+}
 
 DOMAINS = (
     Domain("latin-greek", "id", "glyphs"),
@@ -69,10 +82,10 @@ DOMAINS = (
     Domain("syllabics", "id", "glyphs"),
     Domain("rtl-scripts", "id", "glyphs"),
     Domain("math-symbols", "id", "glyphs"),
-    Domain("textures", "id", "textures"),
-    Domain("sketches", "id", "sketches"),
-    Domain("signs", "id", "signs"),
-    Domain("fractals", "id", "fractals"),
+    Domain("textures", "pretrain", "textures"),
+    Domain("sketches", "pretrain", "sketches"),
+    Domain("signs", "pretrain", "signs"),
+    Domain("fractals", "pretrain", "fractals"),
     Domain("unseen-scripts", "ood", "glyphs"),
     Domain("tiles", "ood", "glyphs"),
     Domain("curves", "ood", "curves"),
@@ -123,11 +136,11 @@ def _versions() -> dict[str, str]:
 
 def _build_domain(domain: Domain, size: Size, seed: int, root: Path) -> dict:
     rng = domain_rng(seed, domain.name)
-    n_images = size.images_per_class
+    n_classes, n_images = {"id": (size.id_classes, size.images_per_class),
+                           "ood": (size.ood_classes, size.images_per_class),
+                           "pretrain": (size.pretrain_classes, size.pretrain_images)}[domain.role]
     if domain.kind == "digits":
         n_classes, n_images = digits.N_DIGITS, size.digit_images
-    else:
-        n_classes = size.id_classes if domain.role == "id" else size.ood_classes
     if domain.kind == "glyphs":
         plan = plan_groups(n_classes, domain.role, size.group_sizes, rng)
         data = glyphs.generate(domain.name, [n for _, n in plan], n_images, rng)

@@ -1,0 +1,111 @@
+"""The paper's findings, checked on a finished run of the default workflow (README, "What the default
+numbers show").
+
+Every finding is a mean over datasets of per-dataset paired differences (the same frozen test episodes
+for every model), with a 95% CI propagated over the independent datasets: sqrt(sum of CI²) / k.
+
+    python benchmarks/findings.py [--run DIR] [--label NAME]     # DIR holds results/ (default: .)
+
+Prints the findings and merges them into benchmarks/results/findings.json under --label. With several
+training seeds in the run (`training.seeds`), every seed is checked on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from smat.evaluation.stats import paired_difference
+from smat.io import provenance, read_json, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "findings.json"
+PAPER = {"PMF - Pre, ID": 12.94, "SMAT - PMF, OOD": 3.17, "SMAT - PMF, ID": 0.91, "row 1 - row 4, AVG": 3.26}
+
+
+def accuracies(run: Path, model_id: str, dataset: str) -> list[float]:
+    return pd.read_csv(run / "results" / "eval" / model_id / dataset / "none.csv")["accuracy"].tolist()
+
+
+def mean_paired(run: Path, a: str, b: str, datasets: list[str]) -> dict[str, float]:
+    """b − a: the mean over datasets of the paired per-dataset differences, with its 95% CI."""
+    per = [paired_difference(accuracies(run, a, d), accuracies(run, b, d)) for d in datasets]
+    return {"mean": round(sum(s.mean for s in per) / len(per), 2),
+            "ci95": round(math.sqrt(sum(s.ci95 ** 2 for s in per)) / len(per), 2),
+            "per_dataset": {d: round(s.mean, 2) for d, s in zip(datasets, per)}}
+
+
+def mean_accuracy(run: Path, model_id: str, datasets: list[str]) -> float:
+    return round(sum(pd.Series(accuracies(run, model_id, d)).mean() for d in datasets) / len(datasets), 2)
+
+
+def findings(run: Path, config: dict, seed: int) -> dict:
+    roles = {name: d["role"] for name, d in config["datasets"].items()}
+    ids = [n for n, r in roles.items() if r == "id"]
+    oods = [n for n, r in roles.items() if r == "ood"]
+    main = config["models"]["smat"]
+    smat = f"smat/tau~{main['tau']}/experts~{main['experts']}/seed~{seed}"
+    pmf, row4 = f"pmf/seed~{seed}", f"ablation/row~4/seed~{seed}"
+    result = {
+        "PMF - Pre, ID": mean_paired(run, "pre", pmf, ids),
+        "SMAT - PMF, OOD": mean_paired(run, pmf, smat, oods),
+        "SMAT - PMF, ID": mean_paired(run, pmf, smat, ids),
+    }
+    if (run / "results" / "eval" / row4).is_dir():
+        result["row 1 - row 4, AVG"] = mean_paired(run, row4, smat, ids + oods)
+    taus = sorted({main["tau"], *config["models"]["sweep"]["tau"]})
+    sweep = {}
+    for tau in taus:
+        model = f"smat/tau~{tau}/experts~{main['experts']}/seed~{seed}"
+        if (run / "results" / "eval" / model).is_dir():
+            sweep[tau] = {"id": mean_accuracy(run, model, ids), "ood": mean_accuracy(run, model, oods)}
+    result["tau sweep"] = sweep
+    checks = {
+        "PMF - Pre, ID: CI above 0": result["PMF - Pre, ID"]["mean"] - result["PMF - Pre, ID"]["ci95"] > 0,
+        "SMAT - PMF, OOD: CI above 0": result["SMAT - PMF, OOD"]["mean"] - result["SMAT - PMF, OOD"]["ci95"] > 0,
+        "SMAT - PMF, ID >= -1": result["SMAT - PMF, ID"]["mean"] >= -1.0,
+    }
+    if "row 1 - row 4, AVG" in result:
+        checks["row 1 - row 4, AVG > 0"] = result["row 1 - row 4, AVG"]["mean"] > 0
+    if len(sweep) >= 3:
+        values = [sweep[t] for t in sorted(sweep)]
+        checks["tau up: OOD does not fall"] = all(b["ood"] >= a["ood"] for a, b in zip(values, values[1:]))
+        checks["tau up: ID does not rise"] = all(b["id"] <= a["id"] for a, b in zip(values, values[1:]))
+    result["holds"] = checks
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("."), help="directory holding results/ of the run")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
+    parser.add_argument("--label", default="default")
+    args = parser.parse_args()
+    config = yaml.safe_load(args.config.read_text())
+    recorded = {}
+    for seed in config["training"]["seeds"]:
+        result = findings(args.run, config, seed)
+        recorded[f"seed {seed}"] = result
+        print(f"\nseed {seed}")
+        for name, value in result.items():
+            if isinstance(value, dict) and "mean" in value:
+                print(f"  {name:<22}{value['mean']:+7.2f} ± {value['ci95']:.2f}   (paper {PAPER[name]:+.2f})   "
+                      + "  ".join(f"{d} {v:+.1f}" for d, v in value["per_dataset"].items()))
+        for tau, point in result["tau sweep"].items():
+            print(f"  tau {tau:<5} mean ID {point['id']:.2f}  mean OOD {point['ood']:.2f}")
+        for check, holds in result["holds"].items():
+            print(f"  {'holds ' if holds else 'FAILS '} {check}")
+    results = read_json(RESULTS) if RESULTS.is_file() else {}
+    results[args.label] = {"seeds": recorded, "paper": PAPER, "provenance": provenance()}
+    write_json(RESULTS, results)
+    print(f"\nrecorded in {RESULTS} under {args.label!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
