@@ -62,19 +62,16 @@ SIZES = {
 @dataclass(frozen=True)
 class Domain:
     name: str
-    role: str  # "pretrain", "id" or "ood": see ROLES
+    role: str  # "pretrain", "id" or "ood": see the comment above DOMAINS
     kind: str  # generator family
 
 
-# The benchmark mirrors the paper's structure (docs/METHOD.md, "The embedded benchmark"): a broad
-# pre-training corpus of pictures in ImageNet's role, meta-training domains that the corpus does not cover
-# (alphabets, as Omniglot is to DINO), and test-only domains.
-ROLES = {
-    "pretrain": "pre-train on its train classes; its test classes are novel classes of a pre-training domain",
-    "id": "meta-train on train classes (val classes select checkpoints), test on test classes",
-    "ood": "test only: every class is a test class",
-}
-
+# Roles mirror the paper's structure (README, "What the default run computes"):
+#   pretrain: a broad corpus of pictures in ImageNet's role; the backbone pre-trains on its train classes,
+#             and its test classes are novel classes of a pre-training domain (OOD test sets);
+#   id:       meta-train on train classes (val classes select checkpoints), test on test classes; alphabets,
+#             which the corpus does not cover, as Omniglot is to DINO;
+#   ood:      test only: every class is a test class.
 DOMAINS = (
     Domain("latin-greek", "id", "glyphs"),
     Domain("cyrillic", "id", "glyphs"),
