@@ -2,7 +2,10 @@
 evaluation -> tables and figures. Every rule runs one `smat` command; all science lives in the package.
 
     snakemake --cores 2 all_tables                                   # embedded benchmark (config/config.yaml)
-    snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml all   # the paper, on Slurm
+    snakemake all --profile workflow/profiles/slurm --profile workflow/profiles/paper --configfile config/paper.yaml
+
+After `kill -9` of Snakemake: `snakemake --unlock`, then the same command with `--rerun-incomplete`
+(workflow/profiles/README.md).
 """
 
 from snakemake.utils import min_version, validate
@@ -25,7 +28,6 @@ include: "workflow/rules/common.smk"
 
 
 check_config()
-recover_from_killed_run()
 
 
 include: "workflow/rules/data.smk"
@@ -38,10 +40,10 @@ include: "workflow/rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_tables(),
         all_figures(),
-    default_target: True
 
 
 rule all_tables:

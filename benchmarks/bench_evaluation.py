@@ -1,10 +1,10 @@
 """Evaluation speed: feature caching for Pre/PMF, SMAT episodes/s, fine-tuning seconds per episode.
 
 1. Pre and PMF without fine-tuning, with and without the feature cache, on the same variable-way
-   variable-shot episodes (spec §3.1 rules): episodes/s and the speed-up (target >= 10x). The accuracies of
+   variable-shot episodes (METHOD §3.1 rules): episodes/s and the speed-up (target >= 10x). The accuracies of
    both runs must be identical.
 2. SMAT (M = 8) without fine-tuning: episodes/s (task-dependent weights: no cache possible).
-3. Full and LoRA fine-tuning (50 steps, spec §3.5) of Pre and SMAT on fixed 5-way 5-shot 15-query episodes:
+3. Full and LoRA fine-tuning (50 steps, METHOD §3.5) of Pre and SMAT on fixed 5-way 5-shot 15-query episodes:
    seconds per episode.
 
 The store is `--store DIR` (e.g. a converted domain of the embedded benchmark), or else a synthetic store of

@@ -5,8 +5,8 @@ in four layouts:
   npy            one (N, S, S, 3) uint8 images.npy read with np.load(mmap_mode="r") (the Store's format)
   h5-single      one HDF5 dataset (N, S, S, 3), one chunk per image
   h5-per-class   one HDF5 dataset per class, one chunk per image
-  h5-per-image   one HDF5 group per image (PMF's per-class h5 layout, spec §4.1)
-Reads follow real variable-way variable-shot episodes (smat.data.episodes, spec §3.1 caps): every support and
+  h5-per-image   one HDF5 group per image (PMF's per-class h5 layout, METHOD §4.1)
+Reads follow real variable-way variable-shot episodes (smat.data.episodes, METHOD §3.1 caps): every support and
 query image of an episode, class by class. "warm" reads come from the page cache; "cold" reads drop the
 files' pages first (posix_fadvise DONTNEED, per file, no privileges needed). The second part times episode
 assembly end to end (Store reads + transform, smat.data.loader.load_episode) on one CPU thread.

@@ -14,7 +14,7 @@ epochs vs the default 10 + 2, benchmarks/results/pretrain.json).
 Only train classes are used: val classes select meta-tuning checkpoints and test classes are for
 evaluation; a store without train classes (an OOD store) is refused.
 
-Augmentation is the meta-tuning train transform (spec §1.11) with a milder crop scale for 32-px images.
+Augmentation is the meta-tuning train transform (METHOD §1.11) with a milder crop scale for 32-px images.
 Every random draw derives from `seed` and the step number (epoch permutation, per-step augmentation), so an
 interrupted run resumed from `OUT.partial` ends with exactly the weights of an uninterrupted one.
 Images of all train classes are held in memory (N x S x S x 3 bytes: 43 MB for the default benchmark).
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from smat.config import load_config, to_dict
 from smat.data.store import Store
@@ -42,6 +41,7 @@ from smat.device import resolve_device
 from smat.io import SmatError, atomic_path, provenance, stable_hash
 from smat.models.backbones import backbone_spec, create_backbone
 from smat.models.checkpoint import export_weights, save_checkpoint
+from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
     stop = total if cfg.max_steps_per_run is None else min(total, step + cfg.max_steps_per_run)
     started, last_save, last_step_saved = time.monotonic(), time.monotonic(), step
     model.train()
-    progress = tqdm(total=total, initial=step, desc=f"pretrain {cfg.arch}", unit="step")
+    progress = progress_bar(total=total, initial=step, desc=f"pretrain {cfg.arch}", unit="step")
     while step < stop:
         batch = _batch_indices(step, steps_per_epoch, cfg.batch_size, len(data.labels), cfg.seed)
         augment_seed, model_seed = _step_seeds(cfg.seed, step)

@@ -54,7 +54,7 @@ def test_structure_follows_the_spec(built):
 
 
 def test_vit_small_at_224_px_matches_the_dino_parameter_count():
-    # spec §1.1: 21,665,664 parameters without head at 224 px (197 position tokens).
+    # METHOD §1.1: 21,665,664 parameters without head at 224 px (197 position tokens).
     backbone = create_backbone("vit_small_patch16_dino", image_size=224)
     assert backbone.vit.pos_embed.shape[1] == 197
     assert sum(p.numel() for p in backbone.parameters()) == 21_665_664

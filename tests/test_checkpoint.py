@@ -161,7 +161,7 @@ def test_hf_vit_model_file_gives_the_same_features_as_transformers(tmp_path):
 
 
 def test_weights_on_a_14x14_grid_load_at_8x8_as_dino_224_px_at_128_px(tmp_path):
-    # The spec §1.1 case (224 px -> 128 px with patch 16) on the tiny ViT: 56 px -> 32 px with patch 4.
+    # The METHOD §1.1 case (224 px -> 128 px with patch 16) on the tiny ViT: 56 px -> 32 px with patch 4.
     weights = _random_timm_weights(image_size=56)
     path = tmp_path / "grid14.pth"
     torch.save(weights, path)

@@ -1,4 +1,4 @@
-"""Episode samplers against the rules of spec §3.1 over many draws, hierarchies, episode files."""
+"""Episode samplers against the rules of METHOD §3.1 over many draws, hierarchies, episode files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hard-concrete gates and the expected-L0 / realised sparsity that the constraint uses (spec §1.3, §1.9)."""
+"""Hard-concrete gates and the expected-L0 / realised sparsity that the constraint uses (METHOD §1.3, §1.9)."""
 
 import math
 

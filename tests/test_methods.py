@@ -1,4 +1,4 @@
-"""SMAT, its switches, SoftMerge, PMF and Pre: each fact of the method (spec §1-2) on a tiny ViT."""
+"""SMAT, its switches, SoftMerge, PMF and Pre: each fact of the method (METHOD §1-2) on a tiny ViT."""
 
 import copy
 import math

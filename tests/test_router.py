@@ -1,4 +1,4 @@
-"""The expert-selection hypernetwork (spec §1.4): real parameters, gradients, scores, temperature."""
+"""The expert-selection hypernetwork (METHOD §1.4): real parameters, gradients, scores, temperature."""
 
 import math
 

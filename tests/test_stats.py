@@ -22,7 +22,7 @@ def test_ci95_is_196_unbiased_std_over_sqrt_n():
     assert summary.mean == pytest.approx(65.0)
     assert summary.ci95 == pytest.approx(1.96 * math.sqrt(500 / 3) / 2)
     assert summary.n == 4
-    # The same as torch's unbiased std, which PMF and SMAT use (spec §3.4).
+    # The same as torch's unbiased std, which PMF and SMAT use (METHOD §3.4).
     rng = np.random.default_rng(0)
     sample = rng.uniform(20, 100, size=600).tolist()
     expected = 1.96 * torch.tensor(sample, dtype=torch.float64).std().item() / math.sqrt(600)

@@ -170,7 +170,7 @@ def test_reference_table_reproduces_the_published_numbers(tmp_path):
     def value(table, row, column):
         return table[(table["row"] == row) & (table["column"] == column)]["value"].item()
 
-    # Spot checks typed from spec §6.
+    # Spot checks typed from METHOD §6.
     assert value(table1, "ImageNet", "†Pre") == 73.48
     assert value(table1, "Omniglot", "PMF+LoRA") == 92.78
     assert value(table1, "Cars", "SMAT+LoRA") == 40.05
@@ -183,7 +183,7 @@ def test_reference_table_reproduces_the_published_numbers(tmp_path):
     assert value(table2, "5", "MLS") == 0 and value(table2, "5", "Meta") == 1
     assert table2[(table2["row"] == "5") & (table2["column"] == "AVG")]["recomputed"].item() == \
         pytest.approx(74.65, abs=0.005)
-    # Every other average agrees with its entries to rounding (spec §6 consistency check).
+    # Every other average agrees with its entries to rounding (METHOD §6 consistency check).
     averages = table1[table1["row"].str.endswith("Avg")]
     off = averages[(averages["value"] - averages["recomputed"]).abs() > 0.011]
     assert list(zip(off["row"], off["column"])) == [("ID Avg", "SoftMerge+full")]

@@ -1,4 +1,4 @@
-"""Meta-training: schedule and optimiser groups, `smat train` outputs, kill -9 resume, bad input (spec §1.10-1.11)."""
+"""Meta-training: schedule and optimiser groups, `smat train` outputs, kill -9 resume, bad input (METHOD §1.10-1.11)."""
 
 import hashlib
 import json
@@ -130,7 +130,7 @@ def test_optimiser_groups_follow_the_spec_table():
 
 def test_paper_and_embedded_configs_load():
     paper = load_config(TrainConfig, REPO / "config" / "training" / "paper.yaml")
-    assert paper == TrainConfig(image_size=128, switches=paper.switches)            # the spec's numbers throughout
+    assert paper == TrainConfig(image_size=128, switches=paper.switches)            # METHOD §8's numbers throughout
     embedded = load_config(TrainConfig, REPO / "config" / "training" / "embedded.yaml")
     assert embedded.backbone == "vit_tiny_patch4_32" and embedded.tasks_per_epoch % embedded.meta_batch == 0
 

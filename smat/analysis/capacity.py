@@ -1,4 +1,4 @@
-"""Model capacity of each expert by layer type and by block depth (spec §5.3, Fig. 5a,b).
+"""Model capacity of each expert by layer type and by block depth (METHOD §5.3, Fig. 5a,b).
 
 Counts the non-zero eval-mode gates of each expert in `expert_masks.npz` and divides by the number of
 parameters of the group, so groups of different size compare. Writes PREFIX_type and PREFIX_depth.

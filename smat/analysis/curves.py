@@ -2,7 +2,7 @@
 
 Panels: query cross-entropy and query accuracy vs training task (faint: every logged task; solid: running
 mean over ~1/25 of the run), per-expert sparsity (fraction of zero gates) vs task with the target τ
-(spec §1.9), and validation accuracy vs epoch. A panel without data in any log (e.g. sparsity for PMF) is
+(METHOD §1.9), and validation accuracy vs epoch. A panel without data in any log (e.g. sparsity for PMF) is
 left out. Accuracies logged as fractions (all values ≤ 1) are shown in %.
 """
 

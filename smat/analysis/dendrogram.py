@@ -1,4 +1,4 @@
-"""Task similarity of the test datasets through the router (spec §5.4, Fig. 5c).
+"""Task similarity of the test datasets through the router (METHOD §5.4, Fig. 5c).
 
 Each dataset is represented by its mean router score vector α over the episodes of one SMAT (or SoftMerge)
 model's eval CSVs without fine-tuning. Datasets are clustered by average linkage on cosine distance: α is a

@@ -1,7 +1,7 @@
 """Read the per-episode CSVs of `smat evaluate` and summarise them per (label, fine-tuning, dataset).
 
 Shared by the tables, the Pareto figure and the dendrogram, so that every view of the results checks its
-input the same way and computes the same mean and 95% CI (spec §3.4).
+input the same way and computes the same mean and 95% CI (METHOD §3.4).
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from smat.evaluation.results import read_results
+from smat.evaluation.results import FINETUNE_MODES, read_results
 from smat.evaluation.stats import summarize
 from smat.io import SmatError
+from smat.methods.registry import SWITCH_NAMES
 
 log = logging.getLogger(__name__)
 
-FINETUNE_MODES = ("none", "full", "lora")
-METHOD_ORDER = ("pre", "pmf", "softmerge", "smat")   # the paper's column order
-SWITCHES = ("mls", "meta", "dt", "ie")        # Table 2 switches (spec §2.2), as columns of the eval CSVs
-SWITCH_LABELS = {"mls": "MLS", "meta": "Meta", "dt": "DT", "ie": "IE"}
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no", ""}
 
@@ -76,14 +73,14 @@ def _read_one(path: Path) -> pd.DataFrame:
     if bad.any():
         line = int(bad.idxmax()) + 2
         raise SmatError(f"{path}: line {line}: accuracy {accuracy[line - 2]!r} is not a percentage in [0, 100]")
-    for switch in SWITCHES:
+    for switch in SWITCH_NAMES:
         frame[switch] = [_parse_switch(v, path, switch) for v in frame[switch]]
     frame["source"] = str(path)
     return frame
 
 
 def _parse_switch(value: str, path: Path, column: str) -> bool:
-    """An ablation switch (spec §2.2); empty means "not applicable", which is shown as off."""
+    """An ablation switch (METHOD §2.2); empty means "not applicable", which is shown as off."""
     text = value.strip().lower()
     if text in _TRUE:
         return True
@@ -92,12 +89,8 @@ def _parse_switch(value: str, path: Path, column: str) -> bool:
     raise SmatError(f"{path}: column {column!r}: {value!r} is not true/false")
 
 
-def method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-
-
 def summarise(results: pd.DataFrame, by: Sequence[str] = ("label", "finetune", "dataset")) -> pd.DataFrame:
-    """One row per group: mean accuracy, ci95 (1.96·std/√n, unbiased std; spec §3.4) and n (episodes)."""
+    """One row per group: mean accuracy, ci95 (1.96·std/√n, unbiased std; METHOD §3.4) and n (episodes)."""
     rows = []
     for key, group in results.groupby(list(by), sort=False):
         summary = summarize(group["accuracy"].tolist())

@@ -1,5 +1,5 @@
 """Read `expert_masks.npz` (written by `smat train`): per backbone parameter, bool (M, *shape), True where
-expert m's eval-mode gate is non-zero (spec §5.3–5.5)."""
+expert m's eval-mode gate is non-zero (METHOD §5.3–5.5)."""
 
 from __future__ import annotations
 

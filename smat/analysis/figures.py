@@ -1,4 +1,4 @@
-"""`smat figures FIGURE`: dispatch to the module that draws it (one module per figure, spec §5)."""
+"""`smat figures FIGURE`: dispatch to the module that draws it (one module per figure, METHOD §5)."""
 
 from __future__ import annotations
 

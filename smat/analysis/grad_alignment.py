@@ -1,4 +1,4 @@
-"""Meta-gradient alignment between tasks during training (spec §5.2, Fig. 4b).
+"""Meta-gradient alignment between tasks during training (METHOD §5.2, Fig. 4b).
 
 Reads the `grad_alignment` records of training logs: the mean pairwise cosine similarity between the
 meta-gradients of tasks from different training domains, logged every few tasks for a parameter group.

@@ -1,6 +1,6 @@
-"""Overlap between the binary eval-mode masks of the experts (spec §5.5, Fig. 5d).
+"""Overlap between the binary eval-mode masks of the experts (METHOD §5.5, Fig. 5d).
 
-IoU = |z_a ∧ z_b| / |z_a ∨ z_b| over all gated backbone parameters (spec §5.5 leaves IoU or overlap relative
+IoU = |z_a ∧ z_b| / |z_a ∨ z_b| over all gated backbone parameters (METHOD §5.5 leaves IoU or overlap relative
 to the smaller mask open; IoU is symmetric and 1 only for identical masks).
 """
 

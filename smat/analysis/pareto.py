@@ -1,4 +1,4 @@
-"""ID-vs-OOD trade-off over τ and |M| (spec §5.1, Fig. 4a): one point per model, Pareto front drawn.
+"""ID-vs-OOD trade-off over τ and |M| (METHOD §5.1, Fig. 4a): one point per model, Pareto front drawn.
 
 x = mean ID accuracy, y = mean OOD accuracy, each the mean of the per-dataset mean accuracies over the
 listed datasets, from eval CSVs without fine-tuning. SMAT models are coloured by τ and marked by |M|; the
@@ -16,7 +16,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
-from smat.analysis.eval_results import check_datasets, method_rank, read_eval_csvs, summarise
+from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
+from smat.methods.registry import column_rank
 from smat.analysis.style import MARKERS, new_figure, paper_style, save_figure
 from smat.io import SmatError
 
@@ -67,7 +68,7 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
     points = model_points(read_eval_csvs(inputs), id_datasets, ood_datasets)
     smat = points[points["method"] == "smat"]
     others = points[points["method"] != "smat"]
-    others = others.iloc[np.lexsort((others["label"], others["method"].map(method_rank)))]
+    others = others.iloc[np.lexsort((others["label"], others["method"].map(column_rank)))]
     taus, experts = sorted(smat["tau"].unique()), sorted(smat["experts"].unique())
     if len(others) > len(REFERENCE_MARKERS):
         raise SmatError(f"pareto: {len(others)} reference models; at most {len(REFERENCE_MARKERS)} can be told apart")

@@ -1,11 +1,11 @@
-"""The paper's published Table 1 and Table 2 as data, transcribed from spec §6 (ViT-S/16, accuracy in %).
+"""The paper's published Table 1 and Table 2 as data, transcribed from METHOD §6 (ViT-S/16, accuracy in %).
 
 These numbers are only ever shown in the reference table (`smat tables reference`), never mixed into our results.
 """
 
 from __future__ import annotations
 
-# † = published in Hu et al. 2022, ‡ = published in Basu et al. 2023 (spec §6).
+# † = published in Hu et al. 2022, ‡ = published in Basu et al. 2023 (METHOD §6).
 TABLE1_COLUMNS = (
     "†Pre", "†PMF", "SoftMerge", "SMAT",
     "‡Pre+full", "†PMF+full", "SoftMerge+full", "SMAT+full",
@@ -40,7 +40,7 @@ TABLE1_OOD = {
 }
 TABLE1_OOD_AVG = (64.07, 64.10, 64.87, 67.27, 74.16, 72.73, 74.08, 75.31, 74.51, 72.91, 75.02)
 
-# Table 2 (spec §6): (model, MLS, Meta, DT, IE, ID, OOD, AVG); the switches are defined in spec §2.2.
+# Table 2 (METHOD §6): (model, MLS, Meta, DT, IE, ID, OOD, AVG); the switches are defined in METHOD §2.2.
 TABLE2 = (
     ("SMAT", True, True, True, True, 85.14, 67.27, 75.21),
     ("", True, True, False, True, 85.07, 66.44, 74.74),
@@ -49,4 +49,3 @@ TABLE2 = (
     ("", False, True, True, False, 85.21, 66.21, 74.75),
     ("PMF", False, False, False, False, 84.23, 64.09, 73.05),
 )
-TABLE2_SWITCHES = ("MLS", "Meta", "DT", "IE")

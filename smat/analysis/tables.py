@@ -3,7 +3,7 @@
 Each table is written as a tidy CSV (machine readable), Markdown and a LaTeX booktabs `tabular`, plus a
 `<name>.provenance.json` naming the inputs; all files of one table appear together or not at all.
 
-Choices (spec §3.4, §6):
+Choices (METHOD §3.4, §6):
 * cell = mean ± 95% CI over the episodes of one CSV, CI = 1.96·std/√n (unbiased std);
 * ID Avg / OOD Avg = mean of the per-dataset means; its CI is the propagated one, √(Σ CI_d²)/k, which
   treats the k datasets as fixed and their episodes as independent. An average is left empty when the column
@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from smat.analysis import published
-from smat.analysis.eval_results import SWITCH_LABELS, SWITCHES, check_datasets, method_rank, read_eval_csvs, summarise
+from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
+from smat.methods.registry import SWITCH_LABELS, SWITCH_NAMES, column_rank
 from smat.analysis.render import Cell, format_mean_ci, latex, markdown
 from smat.io import SmatError, atomic_path, provenance, sha256_file
 
@@ -93,7 +94,7 @@ def table1_columns(results: pd.DataFrame) -> list[Column]:
     methods = label_methods(results)
     pairs = results[["label", "finetune"]].drop_duplicates().itertuples(index=False)
     columns = [Column(label, finetune, methods[label]) for label, finetune in pairs]
-    return sorted(columns, key=lambda c: (list(FINETUNE_SUFFIX).index(c.finetune), method_rank(c.method),
+    return sorted(columns, key=lambda c: (list(FINETUNE_SUFFIX).index(c.finetune), column_rank(c.method),
                                           c.label))
 
 
@@ -171,7 +172,7 @@ def table1_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
 # --------------------------------------------------------------------------------------------- Table 2
 
 def build_table2(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> pd.DataFrame:
-    """One row per label (no fine-tuning): switches, ID, OOD and AVG = mean over all listed datasets (spec §6)."""
+    """One row per label (no fine-tuning): switches, ID, OOD and AVG = mean over all listed datasets (METHOD §6)."""
     plain = results[results["finetune"] == "none"]
     if plain.empty:
         raise SmatError("table2: no rows with finetune 'none' in the given CSVs; Table 2 compares models "
@@ -182,9 +183,9 @@ def build_table2(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     means = summarise(plain, by=("label", "dataset")).set_index(["label", "dataset"])["mean"]
     records = []
     for label, rows in plain.groupby("label", sort=False):
-        switches = rows[list(SWITCHES)].drop_duplicates()
+        switches = rows[list(SWITCH_NAMES)].drop_duplicates()
         if len(switches) != 1:
-            raise SmatError(f"table2: label {label!r} has different {'/'.join(SWITCHES)} switches in "
+            raise SmatError(f"table2: label {label!r} has different {'/'.join(SWITCH_NAMES)} switches in "
                             f"{', '.join(rows['source'].unique())}; one label must be one ablation setting")
         record = {"label": label, "method": methods[label], **switches.iloc[0].to_dict()}
         for column, datasets in (("id", id_datasets), ("ood", ood_datasets),
@@ -202,15 +203,15 @@ def _table2_rank(tidy: pd.DataFrame) -> dict[str, tuple]:
     """The paper's order: full SMAT (all switches on) first, PMF last, the ablations by label between."""
     ranks = {}
     for row in tidy.itertuples():
-        full_smat = row.method == "smat" and all(getattr(row, s) for s in SWITCHES)
-        ranks[row.label] = (0 if full_smat else 2 if row.method == "pmf" else 1, row.label)
+        switches = [getattr(row, s) for s in SWITCH_NAMES]
+        ranks[row.label] = (0 if all(switches) else 2 if not any(switches) else 1, row.label)
     return ranks
 
 
 def table2_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> dict:
     tidy = build_table2(results, id_datasets, ood_datasets)
     header = ["Model", *SWITCH_LABELS.values(), "ID", "OOD", "AVG"]
-    rows = [[Cell(r["label"]), *[Cell("✓" if r[s] else "✗") for s in SWITCHES],
+    rows = [[Cell(r["label"]), *[Cell("✓" if r[s] else "✗") for s in SWITCH_NAMES],
              *[Cell(format_mean_ci(r[c], math.nan)) for c in ("id", "ood", "avg")]]
             for r in tidy.to_dict("records")]
     note = (f"Accuracy (%) without fine-tuning: ID = mean over {len(id_datasets)} ID datasets, OOD = mean over "
@@ -222,7 +223,7 @@ def table2_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
 # ------------------------------------------------------------------------------------- reference table
 
 def reference_inconsistencies(tolerance: float = 0.05) -> list[str]:
-    """Printed averages of spec §6 that do not follow from the printed entries (beyond rounding)."""
+    """Printed averages of METHOD §6 that do not follow from the printed entries (beyond rounding)."""
     notes = []
     for block, entries, printed in (("ID", published.TABLE1_ID, published.TABLE1_ID_AVG),
                                     ("OOD", published.TABLE1_OOD, published.TABLE1_OOD_AVG)):
@@ -262,7 +263,7 @@ def build_reference() -> pd.DataFrame:
     for index, (model, *switches, id_acc, ood_acc, avg) in enumerate(published.TABLE2, start=1):
         row = f"{index} {model}".strip()
         records += [{"table": "table2", "row": row, "column": s, "value": float(v), "recomputed": math.nan}
-                    for s, v in zip(published.TABLE2_SWITCHES, switches)]
+                    for s, v in zip(SWITCH_LABELS.values(), switches)]
         records += [{"table": "table2", "row": row, "column": "ID", "value": id_acc, "recomputed": math.nan},
                     {"table": "table2", "row": row, "column": "OOD", "value": ood_acc, "recomputed": math.nan},
                     {"table": "table2", "row": row, "column": "AVG", "value": avg,
@@ -279,7 +280,7 @@ def reference_files() -> dict:
         rules_after.add(len(rows1) - 1)
         rows1.append([Cell(f"{block} Avg", bold=True), *[Cell(f"{v:.2f}") for v in printed]])
         rules_after.add(len(rows1) - 1)
-    header2 = ["#", "Model", *published.TABLE2_SWITCHES, "ID", "OOD", "AVG"]
+    header2 = ["#", "Model", *SWITCH_LABELS.values(), "ID", "OOD", "AVG"]
     rows2 = []
     for index, (model, *switches, id_acc, ood_acc, avg) in enumerate(published.TABLE2, start=1):
         rows2.append([Cell(str(index)), Cell(model), *[Cell("✓" if s else "✗") for s in switches],

@@ -1,8 +1,7 @@
 """Read `train_log.jsonl` files of `smat train` and describe the model that wrote each (for legends).
 
-A model is described by its method, τ and |M|: taken from the resolved training config `config.yaml` next to
-the log when present, else from `key~value` folders of the model directory
-(results/models/smat/tau~0.9/experts~8/seed~0/).
+A model is described by its method, τ and |M|, taken from the resolved training config `config.yaml` that
+`smat train` writes next to the log.
 """
 
 from __future__ import annotations
@@ -14,12 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from smat.analysis.eval_results import SWITCH_LABELS, SWITCHES
 from smat.config import load_yaml
 from smat.io import SmatError
-
-METHOD_NAMES = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
-
+from smat.methods.registry import METHODS, SWITCH_LABELS, SWITCH_NAMES, display_name
 
 @dataclass
 class TrainingRun:
@@ -57,29 +53,24 @@ def read_train_log(path: Path) -> list[dict]:
 
 
 def describe_model(model_dir: Path) -> dict[str, Any]:
-    """method, tau and experts of the model in `model_dir`, None where unknown or meaningless for the method
-    (PMF has no experts and no sparsity target, SoftMerge and SMAT without gates no sparsity target), and
-    the Table 2 switches that are off (SMAT ablations, spec §2.2)."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.yaml"
+    """method, tau and experts of the model in `model_dir`, from the resolved config.yaml that `smat train`
+    writes next to its log; None where unknown or meaningless for the method (no experts without Table 2
+    switches, as PMF; no sparsity target without gates), and the Table 2 switches turned off from the
+    method's defaults (the ablations, METHOD §2.2)."""
+    config_path = Path(model_dir) / "config.yaml"
     config = load_yaml(config_path) if config_path.is_file() else {}
-    from_path = dict(part.split("~", 1) for part in model_dir.parts if "~" in part)
-    found = {key: config.get(key, from_path.get(key)) for key in ("method", "tau", "experts")}
-    if found["method"] is None:   # results/models/{method}/...
-        found["method"] = next((p for p in reversed(model_dir.parts) if p in METHOD_NAMES), None)
+    method = METHODS.get(config.get("method"))
+    if method is None or not method.trained:
+        return {"method": config.get("method"), "tau": None, "experts": None, "switched_off": []}
+    switches = {name: getattr(method.switches, name) for name in SWITCH_NAMES} | (config.get("switches") or {})
     try:
-        tau = float(found["tau"]) if found["tau"] is not None else None
-        experts = int(found["experts"]) if found["experts"] is not None else None
+        tau = float(config["tau"]) if switches["mls"] and config.get("tau") is not None else None
+        experts = int(config["experts"]) if method.ablatable and config.get("experts") is not None else None
     except (TypeError, ValueError):
-        raise SmatError(f"{model_dir}: tau {found['tau']!r} / experts {found['experts']!r} are not "
-                        f"numbers (config.yaml or tau~/experts~ folders)") from None
-    switches = config.get("switches") or {}
-    switched_off = [name for name in SWITCHES if switches.get(name) is False] if found["method"] == "smat" else []
-    if found["method"] in ("pre", "pmf"):
-        tau = experts = None
-    elif found["method"] == "softmerge" or "mls" in switched_off:
-        tau = None
-    return {"method": found["method"], "tau": tau, "experts": experts, "switched_off": switched_off}
+        raise SmatError(f"{config_path}: tau {config.get('tau')!r} / experts {config.get('experts')!r} are not "
+                        f"numbers") from None
+    switched_off = [name for name in SWITCH_NAMES if getattr(method.switches, name) and not switches[name]]
+    return {"method": method.name, "tau": tau, "experts": experts, "switched_off": switched_off}
 
 
 def read_runs(paths: Sequence[Path]) -> list[TrainingRun]:
@@ -88,7 +79,7 @@ def read_runs(paths: Sequence[Path]) -> list[TrainingRun]:
         raise SmatError("no training logs given: pass train_log.jsonl files written by `smat train`")
     runs = [TrainingRun(Path(p), records=read_train_log(Path(p)), **describe_model(Path(p).parent)) for p in paths]
     for run in runs:
-        parts = [METHOD_NAMES.get(run.method, run.method or "model")]
+        parts = [display_name(run.method)]
         if run.tau is not None:
             parts.append(f"τ={run.tau:g}")
         if run.experts is not None:

@@ -1,6 +1,6 @@
 """Episodes: which classes and which images form a few-shot task, how they are drawn, and episode files.
 
-Two samplers share one implementation (spec §3.1):
+Two samplers share one implementation (METHOD §3.1):
 * variable-way variable-shot (Meta-Dataset): classes from the store's hierarchy (flat, groups or DAG), query
   size q = min(max_query, min_c floor(n_c/2)), support size S = min(max_support, sum_c floor(beta*min(
   max_support_per_class, n_c - q)) + 1), imbalanced shots k_c = min(floor(p_c*(S - ways)) + 1, n_c - q);
@@ -31,7 +31,7 @@ from smat.io import SmatError, read_json, write_json
 log = logging.getLogger(__name__)
 
 FORMAT = "smat-episodes/1"
-# Meta-Dataset's class-imbalance weights: n_c * exp(U(log 1/2, log 2)) (spec §3.1 rule 4).
+# Meta-Dataset's class-imbalance weights: n_c * exp(U(log 1/2, log 2)) (METHOD §3.1 rule 4).
 MIN_LOG_WEIGHT, MAX_LOG_WEIGHT = math.log(0.5), math.log(2.0)
 
 
@@ -44,7 +44,7 @@ class Episode:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Variable-way variable-shot limits (spec §3.1 defaults)."""
+    """Variable-way variable-shot limits (METHOD §3.1 defaults)."""
 
     min_ways: int = 5
     max_ways: int = 50
@@ -79,7 +79,7 @@ class EpisodeSampler:
             raise SmatError(f"store {store.root}, split {split!r}: {err}") from None
 
     def _class_sampler(self, store: Store, class_ids: list[int]) -> FlatHierarchy | GroupHierarchy | DagHierarchy:
-        """Variable way: the store's hierarchy (spec §3.1 rule 1). Fixed way: flat, over classes with enough
+        """Variable way: the store's hierarchy (METHOD §3.1 rule 1). Fixed way: flat, over classes with enough
         images for the shots and queries."""
         ways, shots, queries = self.ways, self.shots, self.queries
         if ways is None:
@@ -108,7 +108,7 @@ class EpisodeSampler:
         shots = np.full(len(classes), self.shots) if self.shots is not None else self._variable_shots(rng, n, q)
         support, query = [], []
         for k, n_c in zip(shots.tolist(), n.tolist()):
-            order = rng.permutation(n_c).tolist()  # spec §3.1 rule 5: first k_c support, next q query
+            order = rng.permutation(n_c).tolist()  # METHOD §3.1 rule 5: first k_c support, next q query
             support.append(order[:k])
             query.append(order[k:k + q])
         return Episode(classes=classes, support=support, query=query)

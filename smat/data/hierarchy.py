@@ -1,4 +1,4 @@
-"""Class hierarchies that decide which classes a variable-way episode draws (spec §3.1, rule 1).
+"""Class hierarchies that decide which classes a variable-way episode draws (METHOD §3.1, rule 1).
 
 * flat: the way count is uniform in [min_ways, min(max_ways, #classes)], classes uniform without replacement;
 * groups (two-level, Omniglot alphabets): one group of the split first, then the flat rule inside it;

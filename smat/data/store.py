@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from smat.data.hierarchy import dag_problems
 from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash, write_json
+from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
 
     Images of a class are taken in file-name order; image i of a class is row `offset + i`. Splits come from
     `splits` or `src/splits.json`; without one, role "ood" puts every class in test and role "id" draws a
-    seeded 60/15/25 train/val/test class split (spec §4.3).
+    seeded 60/15/25 train/val/test class split (METHOD §4.3).
     """
     src, out = Path(src), Path(out)
     if role not in ("id", "ood"):
@@ -373,7 +373,7 @@ def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, 
     n_max = sum(len(paths) for *_, paths in kept)
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_max, size, size, 3))
     classes, skipped, excluded, row = [], [], [], 0
-    with tqdm(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar:
+    with progress_bar(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar:
         for name, split, group, paths in kept:
             start = row
             for file in paths:

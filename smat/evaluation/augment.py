@@ -1,4 +1,4 @@
-"""DiffAugment for test-time fine-tuning: flip, colour and translation of a normalised image batch (spec §3.5)."""
+"""DiffAugment for test-time fine-tuning: flip, colour and translation of a normalised image batch (METHOD §3.5)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.G
 
 
 def diff_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Augment a batch (B, C, H, W) as PMF/SMAT do (spec §3.5); no gradient flows through the augmentation.
+    """Augment a batch (B, C, H, W) as PMF/SMAT do (METHOD §3.5); no gradient flows through the augmentation.
 
     With probability 0.9 for the whole batch: a horizontal flip of the batch with probability 0.5, then per
     image brightness + U(−0.5, 0.5), saturation × U(0, 2) about the pixel's channel mean, contrast × U(0.5, 1.5)

@@ -1,7 +1,7 @@
 """`smat evaluate`: score a model on frozen episodes, without fine-tuning or with full / LoRA fine-tuning.
 
-Per episode (spec §3.4): the task weights from the support (SMAT: eval-mode masks and router scores, no
-inner step), optional fine-tuning on the support (spec §3.5), then cosine-prototype logits of the query.
+Per episode (METHOD §3.4): the task weights from the support (SMAT: eval-mode masks and router scores, no
+inner step), optional fine-tuning on the support (METHOD §3.5), then cosine-prototype logits of the query.
 Every episode has its own seed, derived from its index and the episode file's seed, so fine-tuning and
 augmentation noise are reproducible and independent of which other episodes are evaluated.
 Pre and PMF without fine-tuning embed each distinct image once (`FeatureCache`); the `seconds` of their
@@ -25,20 +25,18 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 import smat
 from smat.device import resolve_device
 from smat.evaluation.feature_cache import CHUNK, FeatureCache
 from smat.evaluation.finetune import FINETUNE_STEPS, finetune_full
-from smat.evaluation.results import write_results
+from smat.evaluation.results import FINETUNE_MODES, write_results
 from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash
-from smat.methods.registry import PRETRAINED_PREFIX
+from smat.methods.registry import PRETRAINED_PREFIX, SWITCH_NAMES, TRAINED_METHODS, display_name
+from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-FINETUNE_MODES = ("none", "full", "lora")
-DISPLAY_NAMES = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
 
 
 def episode_seed(index: int, file_seed: int) -> int:
@@ -73,7 +71,7 @@ class EpisodeRunner:
     """Evaluates one model on episodes of one store with one fine-tuning mode.
 
     `use_cache=False` turns the feature cache off (for benchmarks and tests: the results are the same);
-    `steps` is the number of fine-tuning steps (spec §3.5: 50).
+    `steps` is the number of fine-tuning steps (METHOD §3.5: 50).
     """
 
     def __init__(self, model, store, finetune: str, device: torch.device, use_cache: bool = True,
@@ -113,7 +111,7 @@ class EpisodeRunner:
                                        self.transform, self.device, progress=progress)
             shared_seconds = (time.perf_counter() - start) / len(episodes)
         results = []
-        for index, episode in zip(tqdm(indices, desc=desc, unit="episode", disable=not progress), episodes):
+        for index, episode in zip(progress_bar(indices, desc=desc, unit="episode", disable=not progress), episodes):
             start = time.perf_counter()
             with seeded(episode_seed(index, file_seed), self.device) as generator:
                 if cache is not None:
@@ -162,7 +160,6 @@ class EpisodeRunner:
 
 
 MODEL_FORMAT = "smat-model/1"
-SWITCH_NAMES = ("mls", "meta", "dt", "ie")
 
 
 def model_file(model_spec: str) -> Path:
@@ -187,8 +184,8 @@ def _checkpoint_header(path: Path) -> dict[str, Any]:
         raise SmatError(f"{path}: not a {MODEL_FORMAT} checkpoint written by `smat train`; for a backbone "
                         f"checkpoint use --model pretrained:{path}")
     method = record.get("method")
-    if method not in DISPLAY_NAMES or method == "pre":
-        raise SmatError(f"{path}: unknown method {method!r}; known trained methods: pmf, softmerge, smat")
+    if method not in TRAINED_METHODS:
+        raise SmatError(f"{path}: unknown method {method!r}; known trained methods: {', '.join(TRAINED_METHODS)}")
     return {"method": method, "config": record.get("config") or {}}
 
 
@@ -328,9 +325,9 @@ def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info:
     """Run one dataset's episodes and write its OUT.csv and OUT.json; return the summary."""
     method, store, finetune = runner.model.method, run.store, runner.finetune
     results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,
-                         progress=progress, desc=f"{DISPLAY_NAMES.get(method, method)} {store.domain} {finetune}")
+                         progress=progress, desc=f"{display_name(method)} {store.domain} {finetune}")
     fixed = {
-        "label": label or DISPLAY_NAMES.get(method, method),
+        "label": label or display_name(method),
         **{key: info[key] for key in ("model_id", "method", "mls", "meta", "dt", "ie", "tau", "experts",
                                       "config_hash")},
         "dataset": store.domain, "finetune": finetune, "lr": lr, "smat_version": smat.__version__,

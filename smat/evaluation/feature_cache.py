@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
+
+from smat.progress import progress_bar
 
 CHUNK = 256
 
@@ -33,7 +34,7 @@ class FeatureCache:
         rows = {key: row for row, key in enumerate(keys)}
         parts = []
         with torch.inference_mode():
-            for start in tqdm(range(0, len(keys), chunk), desc="embedding test images", unit="chunk",
+            for start in progress_bar(range(0, len(keys), chunk), desc="embedding test images", unit="chunk",
                               disable=not progress, leave=False):
                 x = _load(store, keys[start:start + chunk], transform).to(device)
                 parts.append(embed(x))

@@ -1,4 +1,4 @@
-"""Full test-time fine-tuning of a task's backbone weights on its support set (spec §3.5).
+"""Full test-time fine-tuning of a task's backbone weights on its support set (METHOD §3.5).
 
 The fine-tuned weights are fresh tensors: the task weights passed in (and the model) are never modified,
 so nothing needs restoring between tasks and consecutive tasks cannot influence each other.
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from smat.evaluation.augment import diff_augment
 
-# The released SMAT code runs 0 steps by mistake (spec §7, bug 2); 50 is the intended count (spec §3.5).
+# The released SMAT code runs 0 steps by mistake (METHOD §7.2); 50 is the intended count (METHOD §3.5).
 FINETUNE_STEPS = 50
 WEIGHT_DECAY = 0.01
 
@@ -23,7 +23,7 @@ FeatureFn = Callable[[Tensor], Tensor]
 
 def support_loss(model, features: FeatureFn, support_x: Tensor, support_y: Tensor, n_way: int,
                  generator: torch.Generator) -> Tensor:
-    """Cross-entropy of the head on the DiffAugment-ed support, prototypes from the clean support (spec §3.5).
+    """Cross-entropy of the head on the DiffAugment-ed support, prototypes from the clean support (METHOD §3.5).
 
     Clean and augmented images go through the backbone in one batch; gradients reach the prototypes too.
     """
@@ -56,7 +56,7 @@ def finetune_full(model, weights: dict[str, Tensor], support_x: Tensor, support_
     """Fine-tune every backbone tensor of the task (for SMAT: the collapsed θ_pre + (Σ α z) ⊙ θ_δ).
 
     Returns new, detached weights; `weights` is left untouched. lr 0 returns `weights` itself, which is
-    exactly "no fine-tuning" (spec §3.5).
+    exactly "no fine-tuning" (METHOD §3.5).
     """
     if lr == 0 or steps == 0:
         return weights

@@ -1,4 +1,4 @@
-"""LoRA test-time fine-tuning with peft on the query and value projections of timm's ViT (spec §3.5).
+"""LoRA test-time fine-tuning with peft on the query and value projections of timm's ViT (METHOD §3.5).
 
 timm fuses q, k and v into one Linear `attn.qkv`. To adapt only q and v, as the paper does (peft
 target_modules ["query", "value"] on the HF ViT), a copy of the backbone has each fused `qkv` replaced by
@@ -26,7 +26,7 @@ from smat.io import SmatError
 LORA_RANK = 8
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.1
-# SMAT and Pre+LoRA train the adapters at 10 × the searched lr (spec §3.5). The released pmf-lora baseline
+# SMAT and Pre+LoRA train the adapters at 10 × the searched lr (METHOD §3.5). The released pmf-lora baseline
 # has no ×10; here every method uses ×10, which only shifts where the lr search lands on its grid.
 LORA_LR_MULTIPLIER = 10.0
 ADAPTER = "default"

@@ -13,6 +13,7 @@ from typing import Any
 from smat.evaluation.stats import summarize
 from smat.io import SmatError, atomic_open, read_json, write_json
 
+FINETUNE_MODES = ("none", "full", "lora")   # without, full and LoRA test-time fine-tuning (METHOD §3.5)
 EVAL_COLUMNS = (
     "label", "model_id", "method", "mls", "meta", "dt", "ie", "tau", "experts", "dataset", "finetune",
     "episode", "ways", "support_size", "query_size", "accuracy", "loss", "lr", "seconds", "alpha",

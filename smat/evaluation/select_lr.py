@@ -1,8 +1,8 @@
-"""`smat select-lr`: the per-dataset fine-tuning learning rate, searched on a few labelled episodes (spec §3.5).
+"""`smat select-lr`: the per-dataset fine-tuning learning rate, searched on a few labelled episodes (METHOD §3.5).
 
 The workflow passes a separate frozen "hps" episode file, sampled from the test split with another seed, so
 the episodes that choose the lr are not the ones it is then scored on (the released code reuses its test
-loader; spec §3.4). The chosen lr is written to LR.json, which `smat evaluate --lr-from` reads.
+loader; METHOD §3.4). The chosen lr is written to LR.json, which `smat evaluate --lr-from` reads.
 One call may search several datasets (`select_lr_many`), each with its own grid; the model is loaded once.
 """
 
@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Sequence
 
 from smat.device import resolve_device
-from smat.evaluation.evaluate import (DISPLAY_NAMES, DatasetRun, EpisodeRunner, load_model_with_info, model_file,
+from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, load_model_with_info, model_file,
                                       read_datasets)
 from smat.io import SmatError, provenance, sha256_file, write_json
+from smat.methods.registry import display_name
 
 log = logging.getLogger(__name__)
 
-# Meta-Dataset grid of the SMAT tester; 0 = no fine-tuning (spec §3.5).
+# Meta-Dataset grid of the SMAT tester; 0 = no fine-tuning (METHOD §3.5).
 DEFAULT_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 
 
 def best_lr(grid: Sequence[float], scores: Sequence[float]) -> float:
-    """The lr with the highest score: strictly greater wins, so the first lr of a tie is kept (spec §3.5)."""
+    """The lr with the highest score: strictly greater wins, so the first lr of a tie is kept (METHOD §3.5)."""
     best, best_score = grid[0], scores[0]
     for lr, score in zip(grid[1:], scores[1:]):
         if score > best_score:
@@ -88,7 +89,7 @@ def select_lr_many(model_spec: str, episodes_paths: Sequence[Path], store_paths:
 def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model_spec: str, info: dict,
                 progress: bool) -> float:
     """Score every lr of `grid` on one dataset's episodes; write its LR.json and return the best lr."""
-    name, domain, finetune = DISPLAY_NAMES.get(info["method"], info["method"]), run.store.domain, runner.finetune
+    name, domain, finetune = display_name(info["method"]), run.store.domain, runner.finetune
     scores = []
     for lr in grid:
         results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,

@@ -1,4 +1,4 @@
-"""Summary statistics of per-episode accuracies: mean and 95% confidence interval (spec §3.4)."""
+"""Summary statistics of per-episode accuracies: mean and 95% confidence interval (METHOD §3.4)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Summary:
 
 
 def summarize(values: Sequence[float], what: str = "values") -> Summary:
-    """Mean and 95% CI = 1.96 · std / √n with the unbiased (n − 1) std, as PMF and SMAT report (spec §3.4)."""
+    """Mean and 95% CI = 1.96 · std / √n with the unbiased (n − 1) std, as PMF and SMAT report (METHOD §3.4)."""
     n = len(values)
     if n == 0:
         raise SmatError(f"cannot summarise {what}: there are none")

@@ -29,6 +29,17 @@ class TaskOutput:
 
 
 @dataclass
+class ParamGroup:
+    """One optimiser parameter group of a method (METHOD §1.10, §2.3); `clip`: max gradient norm, or None."""
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip: float | None = None
+
+
+@dataclass
 class TaskParams:
     weights: dict[str, Tensor]      # every backbone parameter by timm name; detached, safe to modify in place
     alpha: Tensor | None = None     # router scores (M,) for smat/softmerge, else None
@@ -68,6 +79,10 @@ class FewShotModel(nn.Module):
         return out.loss, out.metrics
 
     def task_forward(self, episode: "EpisodeTensors", n_tasks_seen: int) -> TaskOutput:
+        raise NotImplementedError
+
+    def optimiser_groups(self, optim) -> tuple[list[ParamGroup], list[ParamGroup]]:
+        """(SGD groups, AdamW groups) of meta-training, from the `OptimConfig` `optim`."""
         raise NotImplementedError
 
     def alignment_parameters(self) -> dict[str, list[Tensor]]:

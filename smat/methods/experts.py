@@ -1,16 +1,16 @@
-"""How task weights are parameterised on top of the frozen θ_pre (spec §1.2, §1.5, §2.1-2.2).
+"""How task weights are parameterised on top of the frozen θ_pre (METHOD §1.2, §1.5, §2.1-2.2).
 
 All backbone tensors are handled as one flat vector of length N (`ParamLayout`), so that merging M experts
 is one matrix product instead of M × (number of tensors) small operations. Storage:
 
 * `SparseInterpolatedExperts` (SMAT): shared dense δ of shape (N,), zeros; gate log-α of shape (M, N),
-  i.e. row m is expert m's gates for every backbone entry, in `ParamLayout` order (the spec's per-parameter
+  i.e. row m is expert m's gates for every backbone entry, in `ParamLayout` order (METHOD §1.2's per-parameter
   `(*p.shape, M)` tensors, transposed and concatenated). Update = (Σ_m α_m z_m) ⊙ δ.
 * `DenseDelta` (MLS and IE off): update = δ.
 * `DenseExperts` (SoftMerge): M dense deltas of shape (M, N), zeros; update = Σ_m α_m δ_m.
 
 Every backbone tensor is gated, embeddings, LayerNorms and biases included. Our backbones have no
-classifier, so the spec's always-on head placeholder has no counterpart here.
+classifier, so METHOD §1.2's always-on head placeholder has no counterpart here.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SparseInterpolatedExperts(nn.Module):
         self._eval_gates: tuple[tuple, Tensor] | None = None
 
     def gates(self, training: bool) -> Tensor:
-        """(M, N) gate values. Training clamps log α in place first (spec §1.3); eval reads a clamped copy,
+        """(M, N) gate values. Training clamps log α in place first (METHOD §1.3); eval reads a clamped copy,
         so that inference never modifies the model."""
         if training:
             self.hard_concrete.clamp_(self.log_alpha)

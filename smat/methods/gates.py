@@ -1,8 +1,8 @@
-"""Hard-concrete (L0) gates of Louizos et al., exactly as the official SMAT code samples them (spec §1.3).
+"""Hard-concrete (L0) gates of Louizos et al., exactly as the official SMAT code samples them (METHOD §1.3).
 
 z = clamp(s · (ζ − γ) + γ, 0, 1) with s = sigmoid((log u − log(1 − u) + log α) / β) in training and
-s = sigmoid(log α) at eval (β = 1, no noise). The training noise u ~ U(0.5 ± w) has the spec's tiny width
-w = 1e-6 by default, which makes sampling effectively deterministic (spec §7.4); w = 0.5 gives the textbook
+s = sigmoid(log α) at eval (β = 1, no noise). The training noise u ~ U(0.5 ± w) has the released code's tiny width
+w = 1e-6 by default, which makes sampling effectively deterministic (METHOD §7.4); w = 0.5 gives the textbook
 U(0, 1) hard-concrete distribution, whose P(z ≠ 0) is what `expected_density` returns.
 """
 
@@ -38,7 +38,7 @@ class HardConcrete:
         return F.hardtanh(s.mul(self.zeta - self.gamma).add_(self.gamma), 0.0, 1.0)
 
     def density(self, log_alpha: Tensor) -> Tensor:
-        """P(z ≠ 0) per gate under U(0, 1) noise: 1 − Q(0) = sigmoid(log α − β log(−γ/ζ)) (spec §1.3).
+        """P(z ≠ 0) per gate under U(0, 1) noise: 1 − Q(0) = sigmoid(log α − β log(−γ/ζ)) (METHOD §1.3).
 
         Q(0) is clamped to [ε, 1 − ε] as in the official code; 1 − clamp(sigmoid(x)) = clamp(sigmoid(−x)).
         """
@@ -46,6 +46,6 @@ class HardConcrete:
         return F.hardtanh(density, EPS, 1 - EPS)
 
     def clamp_(self, log_alpha: Tensor) -> None:
-        """Keep log α in [log 0.01, log 100]; the spec does this in place before every forward."""
+        """Keep log α in [log 0.01, log 100], in place before every forward (METHOD §1.3)."""
         with torch.no_grad():
             log_alpha.clamp_(self.log_alpha_min, self.log_alpha_max)

@@ -1,7 +1,7 @@
 """Cosine prototype head (ProtoNet): logits = scale · (cos(f, prototype_c) + bias).
 
-SMAT and Pre use a fixed scale 10 and no bias (spec §1.6); PMF learns `scale` (init 10) and `bias` (init 0)
-during meta-training (spec §2.3).
+SMAT and Pre use a fixed scale 10 and no bias (METHOD §1.6); PMF learns `scale` (init 10) and `bias` (init 0)
+during meta-training (METHOD §2.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PMF: full meta-tuning of the backbone with a ProtoNet loss on the query set (spec §2.3).
+"""PMF: full meta-tuning of the backbone with a ProtoNet loss on the query set (METHOD §2.3).
 
 Every backbone parameter is trained (SGD, momentum 0.9); the head is cosine prototypes with a learnable
 scale (init 10) and bias (init 0). As in PMF's code the backbone runs in eval mode during training (no
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smat.methods.base import FewShotModel, TaskOutput, TaskParams, backbone_parameters
+from smat.methods.base import FewShotModel, ParamGroup, TaskOutput, TaskParams, backbone_parameters
 from smat.methods.head import CosineHead
 
 
@@ -21,6 +21,15 @@ class PMF(FewShotModel):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__(backbone, CosineHead(learnable=True))
         self.backbone.requires_grad_(True)
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, config) -> "PMF":
+        return cls(backbone)
+
+    def optimiser_groups(self, optim) -> tuple[list[ParamGroup], list[ParamGroup]]:
+        """SGD over the whole backbone and the head's scale and bias."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [ParamGroup("pmf", params, optim.pmf_lr, optim.pmf_momentum, optim.pmf_weight_decay)], []
 
     def task_params(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
         return TaskParams(weights=self.frozen_weights(), alpha=None)

@@ -1,4 +1,4 @@
-"""Pre: the pre-trained backbone with a fixed cosine ProtoNet head, no meta-training (spec §2.1)."""
+"""Pre: the pre-trained backbone with a fixed cosine ProtoNet head, no meta-training (METHOD §2.1)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Expert-selection hypernetwork: support prototypes -> merging weights α over the M experts (spec §1.4).
+"""Expert-selection hypernetwork: support prototypes -> merging weights α over the M experts (METHOD §1.4).
 
 Prototypes of the support set under the frozen θ_pre, followed by learnable skill tokens, pass one pre-LN
 transformer block whose Linear layers are spectrally normalised; output token 0 is the task embedding e,
 the logits are ℓ = K e with one key per expert. Training samples RelaxedBernoulli(T, ℓ); eval uses
 sigmoid(ℓ / T); scores are normalised to sum to 1 when M > 1. Keys and skill tokens are registered,
-trained and saved parameters (the official code's registration bug, spec §7.1, is not reproduced).
+trained and saved parameters (the official code's registration bug, METHOD §7.1, is not reproduced).
 The router always runs in fp32: it is tiny, and its logits feed a temperature-scaled sigmoid.
 """
 
@@ -58,7 +58,7 @@ class Router(nn.Module):
         """(n_way, d) frozen-model prototypes -> (M,) selection logits ℓ."""
         with torch.autocast(device_type=prototypes.device.type, enabled=False):
             tokens = torch.cat([prototypes.float()[None], self.skill_tokens], dim=1)
-            embedding = self.block(tokens)[0, 0]                            # token 0 (spec §1.4.4)
+            embedding = self.block(tokens)[0, 0]                            # token 0 (METHOD §1.4.4)
             return self.keys @ embedding
 
     def scores(self, logits: Tensor, temperature: float, training: bool) -> Tensor:
@@ -74,5 +74,5 @@ class Router(nn.Module):
 
 
 def router_temperature(tasks_seen: int, start: float = 5.0, minimum: float = 0.5, decay_tasks: float = 4000.0) -> float:
-    """T = max(0.5, 5 − n / 4000) with n the number of training tasks seen (spec §1.4.7)."""
+    """T = max(0.5, 5 − n / 4000) with n the number of training tasks seen (METHOD §1.4.7)."""
     return max(minimum, start - tasks_seen / decay_tasks)

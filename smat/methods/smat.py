@@ -1,11 +1,11 @@
-"""SMAT: sparse interpolated experts meta-tuned with one first-order inner step and dense teachers (spec §1).
+"""SMAT: sparse interpolated experts meta-tuned with one first-order inner step and dense teachers (METHOD §1).
 
-Per training task (spec §1.12):
+Per training task (METHOD §1.12):
   prototypes of the support under the frozen θ_pre -> router -> α; gates z_m -> θ = θ_pre + (Σ α_m z_m) ⊙ δ;
   one first-order SGD step on the support CE (prototype head included, prototypes re-attached);
   query CE + KD to the dense teacher and to the pre-trained model + sparsity and Lagrangian terms
   + 1e-4 mean(ℓ²).
-The Table 2 switches (spec §2.2) select the pieces: `meta` off trains on D = S ∪ Q throughout; `distill`
+The Table 2 switches (METHOD §2.2) select the pieces: `meta` off trains on D = S ∪ Q throughout; `distill`
 (DT) off drops both KD terms; IE off uses one expert with α ≡ 1 and no router; MLS off (with IE off) uses a
 dense δ without gates. SoftMerge (`softmerge.py`) reuses this class with dense experts.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smat.methods.base import FewShotModel, TaskOutput, TaskParams, backbone_parameters
-from smat.methods.experts import DenseDelta, DenseExperts, ParamLayout, SparseInterpolatedExperts
+from smat.methods.base import FewShotModel, ParamGroup, TaskOutput, TaskParams, backbone_parameters
+from smat.methods.experts import DenseDelta, ParamLayout, SparseInterpolatedExperts
 from smat.methods.gates import HardConcrete
 from smat.methods.head import CosineHead
 from smat.methods.router import Router, router_temperature
@@ -27,7 +27,7 @@ from smat.methods.teacher import dense_teacher_logits, kd_loss
 
 def inner_step(model: FewShotModel, weights: dict[str, Tensor], support_x: Tensor, support_y: Tensor,
                n_way: int, lr: float) -> tuple[dict[str, Tensor], Tensor]:
-    """One first-order SGD step on the support CE over all weights and the prototype head (spec §1.7).
+    """One first-order SGD step on the support CE over all weights and the prototype head (METHOD §1.7).
 
     Returns (θ', head'). The step g is a constant, so the outer gradient reaches θ by identity;
     head' = (w̄ − lr g_w) + w − sg(w) has the value of the stepped prototypes and passes the outer gradient
@@ -53,7 +53,7 @@ class SMAT(FewShotModel):
                  inner_lr: float, meta: bool, distill: bool, teacher_lr: float, kd_weight: float,
                  kd_temperature: float, temperature: tuple[float, float, float], logit_l2: float) -> None:
         super().__init__(backbone, CosineHead(learnable=False))
-        self.backbone.requires_grad_(False)             # θ_pre stays frozen (spec §1.1)
+        self.backbone.requires_grad_(False)             # θ_pre stays frozen (METHOD §1.1)
         self.experts = experts
         self.router = router
         self.lagrangian = nn.Parameter(torch.zeros(experts.n_experts)) if experts.has_gates else None
@@ -75,10 +75,8 @@ class SMAT(FewShotModel):
             g = config.gates
             gates = HardConcrete(g.beta, g.zeta, g.gamma, g.noise_width, g.log_alpha_min, g.log_alpha_max)
             experts = SparseInterpolatedExperts(layout, config.experts, gates, g.init_mean, g.init_std)
-        elif config.method == "softmerge":
-            experts = DenseExperts(layout, config.experts)
         else:
-            experts = DenseDelta(layout)
+            experts = cls.dense_experts(layout, config.experts)
         r = config.router
         router = None
         if switches.ie:
@@ -89,6 +87,24 @@ class SMAT(FewShotModel):
                    kd_temperature=config.teacher.temperature,
                    temperature=(r.temperature_start, r.temperature_min, r.temperature_decay_tasks),
                    logit_l2=r.logit_l2)
+
+    @staticmethod
+    def dense_experts(layout: ParamLayout, experts: int) -> nn.Module:
+        """The experts without gates (MLS off): one dense δ (Table 2 row 5; IE off, so experts = 1)."""
+        return DenseDelta(layout)
+
+    def optimiser_groups(self, optim) -> tuple[list[ParamGroup], list[ParamGroup]]:
+        """SGD: δ (momentum, weight decay), log α (huge lr, the only clipped SGD group) and λ; AdamW: the router."""
+        sgd = [ParamGroup("delta", [self.experts.delta], optim.delta_lr, optim.delta_momentum,
+                          optim.delta_weight_decay)]
+        if self.experts.has_gates:
+            sgd += [ParamGroup("masks", [self.experts.log_alpha], optim.mask_lr, clip=optim.mask_clip),
+                    ParamGroup("lagrangian", [self.lagrangian], optim.lagrangian_lr)]
+        adamw = []
+        if self.router is not None:
+            adamw.append(ParamGroup("router", list(self.router.parameters()), optim.router_lr,
+                                    weight_decay=optim.router_weight_decay, clip=optim.router_clip))
+        return sgd, adamw
 
     # --- pieces -------------------------------------------------------------------------------------------
 
@@ -140,7 +156,7 @@ class SMAT(FewShotModel):
 
     def task_forward(self, episode, n_tasks_seen: int) -> TaskOutput:
         sx, sy, qx, qy, n_way = episode.support_x, episode.support_y, episode.query_x, episode.query_y, episode.n_way
-        if not self.meta:                               # Meta off: one labelled set D = S ∪ Q (spec §2.2 row 4)
+        if not self.meta:                               # Meta off: one labelled set D = S ∪ Q (METHOD §2.2 row 4)
             sx = qx = torch.cat([sx, qx])
             sy = qy = torch.cat([sy, qy])
         temperature = self.temperature(n_tasks_seen)

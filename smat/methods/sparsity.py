@@ -1,4 +1,4 @@
-"""Per-expert sparsity constraint: expected-L0 term and Lagrangian multipliers (spec §1.9).
+"""Per-expert sparsity constraint: expected-L0 term and Lagrangian multipliers (METHOD §1.9).
 
 τ is a target *sparsity* (fraction of zero gates); the expected L0 is a *density*, so the constraint is
 E[density_m] ≤ 1 − τ ⇔ s_m ≥ τ. λ_m grows (SGD on L_lag) while expert m is denser than allowed and is
@@ -24,7 +24,7 @@ def realised_sparsity(z: Tensor) -> Tensor:
 
 
 def reset_multipliers_(multipliers: Tensor, sparsity: Tensor, tau: float) -> None:
-    """λ_m ← 0 where s_m > τ; applied before the losses are computed (spec §1.9.1)."""
+    """λ_m ← 0 where s_m > τ; applied before the losses are computed (METHOD §1.9.1)."""
     with torch.no_grad():
         multipliers.masked_fill_(sparsity > tau, 0.0)
 

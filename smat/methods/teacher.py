@@ -1,4 +1,4 @@
-"""Distillation teachers (spec §1.8): the dense teacher and the KL term shared with the pre-trained teacher.
+"""Distillation teachers (METHOD §1.8): the dense teacher and the KL term shared with the pre-trained teacher.
 
 The dense teacher starts from a detached copy of the post-inner-step task weights (prototype head included),
 takes one plain SGD step (lr 5e-3) on the query cross-entropy over all of them, and gives its query logits.

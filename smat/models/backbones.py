@@ -1,4 +1,4 @@
-"""Backbones: timm Vision Transformers whose feature is the CLS token after the final LayerNorm (spec §1.1).
+"""Backbones: timm Vision Transformers whose feature is the CLS token after the final LayerNorm (METHOD §1.1).
 
 `BACKBONES` is the registry, as data: the timm architecture each name builds, its size arguments, the
 default input size, and where its pre-trained weights come from. `create_backbone(name)` builds one with
@@ -24,7 +24,7 @@ from smat.io import SmatError
 # verified download (`smat fetch` prints the digest of what it fetched).
 BACKBONES: dict[str, dict[str, Any]] = {
     # DINO ViT-S/16, the paper's backbone. Meta-Dataset runs at 128 px: the 14x14 position grid of the
-    # 224-px weights is resampled to 8x8 at load time (spec §1.1). LayerNorm eps 1e-6 as DINO's torch-hub ViT.
+    # 224-px weights is resampled to 8x8 at load time (METHOD §1.1). LayerNorm eps 1e-6 as DINO's torch-hub ViT.
     "vit_small_patch16_dino": {
         "timm_arch": "vit_small_patch16_224",
         "kwargs": {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6},
@@ -61,7 +61,7 @@ BACKBONES: dict[str, dict[str, Any]] = {
     },
 }
 
-# No dropout of any kind: the spec's backbones have none, and meta-tuning relies on deterministic features.
+# No dropout of any kind: METHOD §1.1's backbones have none, and meta-tuning relies on deterministic features.
 _NO_DROPOUT = {"drop_rate": 0.0, "pos_drop_rate": 0.0, "proj_drop_rate": 0.0, "attn_drop_rate": 0.0,
                "drop_path_rate": 0.0}
 

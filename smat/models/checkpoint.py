@@ -2,7 +2,7 @@
 
 A checkpoint file is `{"format": "smat-backbone/1", "arch", "state_dict", "source", "sha256", "meta"}` with
 the weights in timm's naming at the grid they were trained at. `fetch` is the only code that touches the
-network; everything else reads the file it wrote, so compute nodes never download (spec §7).
+network; everything else reads the file it wrote, so compute nodes never download (METHOD §7.12).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
-from tqdm import tqdm
 
 from smat.io import SmatError, atomic_path, sha256_file
 from smat.models.backbones import BACKBONES, Backbone, backbone_spec, create_backbone
 from smat.models.dino_keys import convert_to_timm
+from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_pretrained(path: Path, image_size: int | None = None) -> tuple[Backbone
     """Build the checkpoint's backbone for `image_size` (default: the registry's) and load its weights.
 
     Position embeddings are resampled when the patch grid differs (e.g. 14x14 at 224 px -> 8x8 at 128 px,
-    spec §1.1). Returns (backbone, record without the state dict).
+    METHOD §1.1). Returns (backbone, record without the state dict).
     """
     record = read_checkpoint(path)
     backbone = create_backbone(record["arch"], image_size)
@@ -119,7 +119,7 @@ def load_pretrained(path: Path, image_size: int | None = None) -> tuple[Backbone
     if "pos_embed" in state_dict and state_dict["pos_embed"].shape != target.shape:
         old = _grid(state_dict["pos_embed"].shape[1], path)
         new = backbone.image_size // backbone_spec(record["arch"])["patch_size"]
-        # Plain bicubic, no antialiasing, as DINO's and Hugging Face's interpolate_pos_encoding (spec §1.1).
+        # Plain bicubic, no antialiasing, as DINO's and Hugging Face's interpolate_pos_encoding (METHOD §1.1).
         state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], new_size=[new, new],
                                                          old_size=[old, old], num_prefix_tokens=1,
                                                          antialias=False)
@@ -159,7 +159,7 @@ def _download(url: str, dest: Path, arch: str | None) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(dest, "wb") as handle:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}") as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"fetch {dest.name}") as bar:
                 while block := response.read(1 << 20):
                     handle.write(block)
                     bar.update(len(block))

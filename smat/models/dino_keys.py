@@ -4,7 +4,7 @@ Handled layouts:
 * official DINO files (`dino_deitsmall16_pretrain.pth`): already timm's names (`blocks.N.attn.qkv`, ...);
 * DINO training checkpoints and other wrappers: `{"teacher" | "student" | "model" | "state_dict": {...}}`
   with `module.` / `backbone.` prefixes and a projection head (`head.*`, dropped);
-* Hugging Face `ViTModel` (`facebook/dino-vits16`, the backbone of the official SMAT code, spec §1.1):
+* Hugging Face `ViTModel` (`facebook/dino-vits16`, the backbone of the official SMAT code, METHOD §1.1):
   `embeddings.*`, `encoder.layer.N.attention.attention.{query,key,value}` (fused here into timm's `qkv`),
   `layernorm`, plus an unused `pooler` (dropped). This is the naming of the files on the hub; the
   in-memory naming of transformers >= 5 (`layers.N.attention.{q,k,v,o}_proj`, `layers.N.mlp.*`) is

@@ -1,4 +1,4 @@
-"""`TrainConfig`: every setting of meta-training, with the spec's ViT-S defaults (spec §1.10, §8).
+"""`TrainConfig`: every setting of meta-training, with the paper's ViT-S defaults (METHOD §1.10, §8).
 
 Built strictly from YAML (`smat.config.load_config`): unknown keys and wrong types are errors. The method's
 ablation switches are resolved here once (`resolve_switches`), so the saved config says exactly what ran.
@@ -11,22 +11,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from smat.data.episodes import SamplerConfig
+from smat.methods.registry import TRAINED_METHODS, Switches, resolve_switches
 
-METHODS = ("smat", "pmf", "softmerge")
-
-
-@dataclass
-class Switches:
-    """Table 2 switches (spec §2.2). Unset (null) = the method's default, filled in by `resolve_switches`."""
-    mls: bool | None = None     # meta-learned sparsity: hard-concrete gates on the shared delta
-    meta: bool | None = None    # support/query split; off: D = S ∪ Q serves as both
-    dt: bool | None = None      # dense teachers: both KD terms (dense teacher and pre-trained model)
-    ie: bool | None = None      # interpolated experts: router over M experts; off: one expert, alpha = 1
+MethodName = Literal[TRAINED_METHODS]
 
 
 @dataclass
 class GateConfig:
-    """Hard-concrete gates (spec §1.3)."""
+    """Hard-concrete gates (METHOD §1.3)."""
     beta: float = 2 / 3                 # temperature in training; 1 at eval
     zeta: float = 1.1
     gamma: float = -0.1
@@ -39,7 +31,7 @@ class GateConfig:
 
 @dataclass
 class RouterConfig:
-    """Expert-selection hypernetwork (spec §1.4)."""
+    """Expert-selection hypernetwork (METHOD §1.4)."""
     heads: int = 4
     mlp_ratio: float = 2.0
     skill_tokens: int = 4
@@ -52,7 +44,7 @@ class RouterConfig:
 
 @dataclass
 class TeacherConfig:
-    """Dense teacher and distillation (spec §1.8)."""
+    """Dense teacher and distillation (METHOD §1.8)."""
     lr: float = 5e-3                    # the teacher's one SGD step on the query CE
     kd_weight: float = 0.25             # loss = (1 - kd_weight) CE + kd_weight (KD_dense + KD_pre) / 2 · T²
     temperature: float = 2.0
@@ -60,7 +52,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser groups (spec §1.10 for smat/softmerge, §2.3 for pmf)."""
+    """Optimiser groups (METHOD §1.10 for smat/softmerge, §2.3 for pmf)."""
     delta_lr: float = 1e-4
     delta_momentum: float = 0.9
     delta_weight_decay: float = 1e-4
@@ -77,7 +69,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Per-epoch learning-rate multiplier: linear warm-up, then cosine (HF cosine-with-warmup, spec §1.10)."""
+    """Per-epoch learning-rate multiplier: linear warm-up, then cosine (HF cosine-with-warmup, METHOD §1.10)."""
     warmup_epochs: int = 5
     cosine_epochs: int = 50             # HF `num_training_steps`; training may stop before the cosine ends
     epoch0_lr: float | None = 1e-6      # epoch 0: every SGD group at this absolute lr, router lr 0; null: off
@@ -85,7 +77,7 @@ class ScheduleConfig:
 
 @dataclass
 class ValidationConfig:
-    episodes: int = 120                 # fixed val episodes per domain, sampled once (spec §1.11)
+    episodes: int = 120                 # fixed val episodes per domain, sampled once (METHOD §1.11)
     seed: int = 10_000                  # independent of the training seed, so every run is selected alike
 
 
@@ -97,7 +89,7 @@ class CheckpointConfig:
 
 @dataclass
 class GradAlignmentConfig:
-    """Meta-gradient alignment between domains for the analysis figure (spec §5.2)."""
+    """Meta-gradient alignment between domains for the analysis figure (METHOD §5.2)."""
     interval: int = 0                   # every this many tasks; 0 = off
     max_domains: int = 8                # one task from each of up to this many training domains
     merged: bool = False                # also the gradient w.r.t. the merged task weights θ_i
@@ -105,7 +97,7 @@ class GradAlignmentConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["smat", "pmf", "softmerge"] = "smat"
+    method: MethodName = "smat"
     backbone: str = "vit_small_patch16_dino"
     image_size: int | None = None       # null: the backbone's default input size
     experts: int = 8                    # M
@@ -113,7 +105,7 @@ class TrainConfig:
     switches: Switches = field(default_factory=Switches)
     gates: GateConfig = field(default_factory=GateConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
-    inner_lr: float = 1e-3              # one first-order SGD step on the support (spec §1.7)
+    inner_lr: float = 1e-3              # one first-order SGD step on the support (METHOD §1.7)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -139,33 +131,4 @@ class TrainConfig:
         if not 0.0 < self.gates.noise_width <= 0.5:
             raise ValueError(f"gates.noise_width={self.gates.noise_width}: must be in (0, 0.5]")
         self.switches = resolve_switches(self.method, self.switches, self.experts)
-
-
-# Defaults per method: SMAT is Table 2 row 1; SoftMerge is dense experts without KD (spec §2.1: "plain query
-# CE unless the paper says otherwise"); PMF is row 6 (no switch applies to it).
-_DEFAULTS = {
-    "smat": Switches(mls=True, meta=True, dt=True, ie=True),
-    "softmerge": Switches(mls=False, meta=True, dt=False, ie=True),
-    "pmf": Switches(mls=False, meta=False, dt=False, ie=False),
-}
-
-
-def resolve_switches(method: str, switches: Switches, experts: int) -> Switches:
-    """Fill unset switches with the method's defaults and reject combinations that define no model."""
-    default = _DEFAULTS[method]
-    resolved = Switches(**{name: default.__dict__[name] if value is None else value
-                           for name, value in switches.__dict__.items()})
-    if method == "pmf" and resolved != default:
-        raise ValueError(f"switches {switches.__dict__}: PMF has no ablation switches; leave them unset")
-    if method == "softmerge" and (resolved.mls or not resolved.ie):
-        raise ValueError("softmerge: switches.mls must be false and switches.ie true (dense experts "
-                         "merged by the router); for a single dense delta use method smat with mls/ie false")
-    if method == "smat":
-        if not resolved.mls and resolved.ie:
-            raise ValueError("switches mls=false with ie=true is not a Table 2 row (experts need gates); "
-                             "set ie=false too for a dense delta, or method: softmerge for dense experts")
-        if not resolved.ie and experts != 1:
-            raise ValueError(f"switches.ie=false means a single expert with alpha = 1: set experts: 1 "
-                             f"(got experts={experts})")
-    return resolved
 

@@ -1,4 +1,4 @@
-"""Meta-gradient alignment between training domains (spec §5.2, the gradient-alignment figure).
+"""Meta-gradient alignment between training domains (METHOD §5.2, the gradient-alignment figure).
 
 Every `grad_alignment.interval` tasks the loop samples one task from each of up to `max_domains` training
 domains, computes each task's first-order outer-loss gradient with respect to the meta-learned update

@@ -1,4 +1,4 @@
-"""`smat train`: episodic meta-training of SMAT, SoftMerge or PMF (spec §1.10-1.11, §2.3).
+"""`smat train`: episodic meta-training of SMAT, SoftMerge or PMF (METHOD §1.10-1.11, §2.3).
 
 Each task picks a training domain uniformly, samples a variable-way variable-shot episode from its train
 classes and loads it with train augmentation (support and query alike). Each task's loss / B is
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from smat.config import load_config, to_dict
 from smat.data.episodes import FORMAT as EPISODES_FORMAT
@@ -39,6 +38,7 @@ from smat.io import SmatError, atomic_open, read_json, sha256_file, stable_hash,
 from smat.methods.base import FewShotModel
 from smat.methods.registry import build_model
 from smat.models.checkpoint import load_pretrained
+from smat.progress import progress_bar
 from smat.training.checkpointing import (load_resume, restore_rng_state, rng_state, save_model_checkpoint,
                                          save_resume)
 from smat.training.config import TrainConfig
@@ -147,7 +147,7 @@ class Trainer:
         c = self.config
         total = c.epochs * c.tasks_per_epoch
         with open(self.paths["train_log.jsonl"], "a", encoding="utf-8") as self.log_file, \
-                tqdm(total=total, initial=self.progress["tasks_seen"], unit="task",
+                progress_bar(total=total, initial=self.progress["tasks_seen"], unit="task",
                      desc=f"train {c.method} -> {self.out.name}") as bar:
             last_save = (self.progress["tasks_seen"], time.monotonic())
             while self.progress["epoch"] < c.epochs:
@@ -169,7 +169,7 @@ class Trainer:
         self._finish()
 
     def _meta_batch(self) -> dict:
-        """B tasks, each loss / B back-propagated at once, then one optimiser step (spec §1.10)."""
+        """B tasks, each loss / B back-propagated at once, then one optimiser step (METHOD §1.10)."""
         records = []
         for _ in range(self.config.meta_batch):
             domain = int(self.sampler_rng.integers(len(self.stores)))

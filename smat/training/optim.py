@@ -1,10 +1,11 @@
-"""Optimisers, parameter groups, gradient clipping and the per-epoch learning-rate schedule (spec §1.10, §2.3).
+"""Optimisers, gradient clipping and the per-epoch learning-rate schedule (METHOD §1.10, §2.3).
 
-SMAT / SoftMerge: one SGD optimiser with groups δ (momentum 0.9, wd 1e-4), log α (lr 1e6, no momentum,
+Each method names its parameter groups (`optimiser_groups` of its model class). SMAT / SoftMerge: one SGD
+optimiser with groups δ (momentum 0.9, wd 1e-4), log α (lr 1e6, no momentum,
 grad-norm clip 5) and λ (lr 2e-3), plus AdamW for the router (wd 1e-2, grad-norm clip 1). PMF: SGD over the
 whole backbone and the head's scale and bias. The schedule multiplies every base lr by m(epoch) (HF cosine
 with warm-up, stepped per epoch); in epoch 0 every SGD group instead runs at an absolute 1e-6 and the router
-at 0 (spec §7.8).
+at 0 (METHOD §7.8).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from smat.methods.base import ParamGroup
 from smat.training.config import OptimConfig, ScheduleConfig
 
 
@@ -36,30 +38,19 @@ class Optimisers:
             self.router.load_state_dict(state["router"])
 
 
-def _group(name: str, params: list[nn.Parameter], lr: float, momentum: float = 0.0,
-           weight_decay: float = 0.0) -> dict:
-    return {"name": name, "params": params, "lr": lr, "base_lr": lr, "momentum": momentum,
-            "weight_decay": weight_decay}
+def _as_dict(group: ParamGroup, sgd: bool) -> dict:
+    momentum = {"momentum": group.momentum} if sgd else {}
+    return {"name": group.name, "params": group.params, "lr": group.lr, "base_lr": group.lr, **momentum,
+            "weight_decay": group.weight_decay}
 
 
-def build_optimisers(model: nn.Module, optim: OptimConfig) -> Optimisers:
-    if model.method == "pmf":
-        params = [p for p in model.parameters() if p.requires_grad]
-        sgd = torch.optim.SGD([_group("pmf", params, optim.pmf_lr, optim.pmf_momentum, optim.pmf_weight_decay)])
-        return Optimisers(sgd, None, [])
-    groups = [_group("delta", [model.experts.delta], optim.delta_lr, optim.delta_momentum, optim.delta_weight_decay)]
-    clip = []
-    if model.experts.has_gates:
-        groups.append(_group("masks", [model.experts.log_alpha], optim.mask_lr))
-        groups.append(_group("lagrangian", [model.lagrangian], optim.lagrangian_lr))
-        clip.append(([model.experts.log_alpha], optim.mask_clip))
-    router = None
-    if model.router is not None:
-        router_params = list(model.router.parameters())
-        router = torch.optim.AdamW([{"name": "router", "params": router_params, "lr": optim.router_lr,
-                                     "base_lr": optim.router_lr, "weight_decay": optim.router_weight_decay}])
-        clip.append((router_params, optim.router_clip))
-    return Optimisers(torch.optim.SGD(groups), router, clip)
+def build_optimisers(model, optim: OptimConfig) -> Optimisers:
+    """The method's groups (`model.optimiser_groups`): one SGD optimiser, and AdamW where it has groups."""
+    sgd_groups, adamw_groups = model.optimiser_groups(optim)
+    sgd = torch.optim.SGD([_as_dict(group, sgd=True) for group in sgd_groups])
+    router = torch.optim.AdamW([_as_dict(group, sgd=False) for group in adamw_groups]) if adamw_groups else None
+    clip = [(group.params, group.clip) for group in sgd_groups + adamw_groups if group.clip is not None]
+    return Optimisers(sgd, router, clip)
 
 
 def lr_multiplier(epoch: int, warmup_epochs: int, cosine_epochs: int) -> float:

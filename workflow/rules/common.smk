@@ -1,16 +1,15 @@
 """Helpers shared by every stage: datasets and their sources, the models of the sweep, target builders,
 job resources and wildcard constraints. Rules live in the per-stage files; this file holds no rules."""
 
-import json
 import os
 import re
 import shlex
 from pathlib import Path
 
-import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
-from snakemake.utils import Paramspace
+
+from smat.experiment import model_set
 
 # The project checkout: relative config paths that do not exist in the working directory are looked up here.
 PROJECT = Path(workflow.basedir)
@@ -158,73 +157,17 @@ BACKBONE = config["backbone"]["arch"]
 PRETRAINED = f"resources/pretrained/{BACKBONE}.pt"
 
 # -------------------------------------------------------------------------------------------------- models
-# Every model has an id that is also its path under results/models/ and results/eval/; ids are known from
-# the config alone, so each id maps to its training overrides and its label in tables.
+# The package defines which models a config trains and where each appears (smat/experiment.py): every
+# model id is also its path under results/models/ and results/eval/.
 
 SEEDS = config["training"]["seeds"]
-MAIN_SMAT = config["models"]["smat"]
-SWEEP = config["models"]["sweep"]
-SMAT_POINTS = pd.DataFrame(
-    [{"tau": MAIN_SMAT["tau"], "experts": MAIN_SMAT["experts"]}]
-    + [{"tau": tau, "experts": experts} for tau in SWEEP["tau"] for experts in SWEEP["experts"]]
-).drop_duplicates(ignore_index=True)
-SMAT_SPACE = Paramspace(SMAT_POINTS)
-
-# spec §2.2: Table 2 rows 2-5 switch one component off the main SMAT model; row 1 is the main SMAT model
-# and row 6 is PMF, both trained anyway for Table 1.
-ABLATION_ROWS = {
-    2: {"switches.dt": False},
-    3: {"switches.ie": False, "experts": 1},
-    4: {"switches.meta": False},
-    5: {"switches.mls": False, "switches.ie": False, "experts": 1},
-}
-
-
-def seeded(label, seed):
-    """One label per model: with several seeds each seed is its own column."""
-    return label if len(SEEDS) == 1 else f"{label} (seed {seed})"
-
-
-def overrides(**values):
-    return " ".join(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}"
-                    for key, value in values.items())
-
-
-MODELS = {}  # model id -> {"label", "overrides" (None for Pre: not trained)}
-MODELS["pre"] = {"label": "Pre", "overrides": None}
-SMAT_IDS, MAIN_IDS, ABLATION_IDS = [], {}, []
-for seed in SEEDS:
-    for point in SMAT_POINTS.to_dict("records"):
-        model_id = f"smat/{SMAT_SPACE.wildcard_pattern.format(**point)}/seed~{seed}"
-        is_main = point == {"tau": MAIN_SMAT["tau"], "experts": MAIN_SMAT["experts"]}
-        label = "SMAT" if is_main else f"SMAT tau={point['tau']:g} M={point['experts']}"
-        MODELS[model_id] = {"label": seeded(label, seed),
-                            "overrides": overrides(method="smat", **point, seed=seed)}
-        SMAT_IDS.append(model_id)
-        if is_main:
-            MAIN_IDS.setdefault("smat", []).append(model_id)
-    pmf_id = f"pmf/seed~{seed}"
-    MODELS[pmf_id] = {"label": seeded("PMF", seed), "overrides": overrides(method="pmf", seed=seed)}
-    MAIN_IDS.setdefault("pmf", []).append(pmf_id)
-    softmerge_id = f"softmerge/experts~{config['models']['softmerge']['experts']}/seed~{seed}"
-    MODELS[softmerge_id] = {
-        "label": seeded("SoftMerge", seed),
-        "overrides": overrides(method="softmerge", experts=config["models"]["softmerge"]["experts"], seed=seed),
-    }
-    MAIN_IDS.setdefault("softmerge", []).append(softmerge_id)
-    for row in config["models"]["ablation_rows"]:
-        ablation_id = f"ablation/row~{row}/seed~{seed}"
-        switched = {"method": "smat", "tau": MAIN_SMAT["tau"], "experts": MAIN_SMAT["experts"], "seed": seed}
-        switched.update(ABLATION_ROWS[row])
-        MODELS[ablation_id] = {"label": seeded(f"Row {row}", seed), "overrides": overrides(**switched)}
-        ABLATION_IDS.append(ablation_id)
-
-TABLE1_IDS = ["pre", *MAIN_IDS["pmf"], *MAIN_IDS["softmerge"], *MAIN_IDS["smat"]]
-TABLE2_IDS = [*MAIN_IDS["smat"], *ABLATION_IDS, *MAIN_IDS["pmf"]]
-BASELINE_IDS = [i for i in MODELS if i != "pre" and i not in SMAT_IDS]
+MODEL_SET = model_set(config["models"], SEEDS)
+MODELS = MODEL_SET.models  # model id -> smat.experiment.Model: label, method, training settings (None: Pre)
+TABLE1_IDS = MODEL_SET.table1
+TABLE2_IDS = MODEL_SET.table2
+TRAINED_IDS = MODEL_SET.trained
 # Figures show the first seed: the main models and every SMAT point of the sweep.
-FIGURE_IDS = {method: ids[0] for method, ids in MAIN_IDS.items()}
-FIGURE_SWEEP_IDS = [i for i in SMAT_IDS if i.rsplit("~", 1)[1] == str(SEEDS[0])]
+FIGURE_IDS, FIGURE_SWEEP_IDS = MODEL_SET.figure_models(SEEDS[0])
 
 
 def checkpoint(model_id):
@@ -236,13 +179,19 @@ def done_marker(model_id):
     return f"results/models/{model_id}/DONE"
 
 
+def train_log(model_id):
+    return f"results/models/{model_id}/train_log.jsonl"
+
+
+def expert_masks(model_id):
+    """Written by `smat train` for SMAT models with gates, before DONE."""
+    return f"results/models/{model_id}/expert_masks.npz"
+
+
 def trained(model_id):
-    """Inputs of every consumer of a model: its checkpoint and, for meta-tuned models, DONE. best.pt exists
-    from the first validation on, so a killed run leaves one behind; DONE makes Snakemake resume the
-    training before anything reads the model."""
-    if model_id == "pre":
-        return [PRETRAINED]
-    return [checkpoint(model_id), done_marker(model_id)]
+    """What a reader of a model waits for: DONE for a meta-tuned model (best.pt and train_log.jsonl are
+    written during training and are not declared outputs, see train.smk), the backbone for Pre."""
+    return PRETRAINED if model_id == "pre" else done_marker(model_id)
 
 
 def model_spec(model_id):
@@ -265,16 +214,20 @@ EVAL_MANIFESTS = [manifest(dataset) for dataset in EVAL_DATASETS]
 
 
 def evaluation_inputs(wildcards):
-    inputs = {"model": trained(wildcards.model_id), "episodes": per_dataset("results/episodes/{dataset}/test.json"),
-              "stores": EVAL_MANIFESTS}
+    inputs = {
+        "model": trained(wildcards.model_id),
+        "episodes": per_dataset("results/episodes/{dataset}/test.json"),
+        "stores": EVAL_MANIFESTS,
+    }
     if wildcards.finetune != "none":
-        inputs["lr"] = [f"results/lr/{wildcards.model_id}/{dataset}/{wildcards.finetune}.json"
-                        for dataset in EVAL_DATASETS]
+        inputs["lr"] = [
+            f"results/lr/{wildcards.model_id}/{dataset}/{wildcards.finetune}.json" for dataset in EVAL_DATASETS
+        ]
     return inputs
 
 
 def evaluation_args(wildcards, input):
-    args = [f"--label {shlex.quote(MODELS[wildcards.model_id]['label'])}"]
+    args = [f"--label {shlex.quote(MODELS[wildcards.model_id].label)}"]
     if wildcards.finetune != "none":
         args.append(f"--lr-from {' '.join(input.lr)}")
         if config["evaluation"]["finetune_episodes"]:
@@ -322,99 +275,29 @@ def all_figures():
 
 
 def grad_alignment_models():
-    """The lowest- and highest-τ SMAT models at the main model's |M| (spec §5.2)."""
-    taus = sorted(SMAT_POINTS.loc[SMAT_POINTS["experts"] == MAIN_SMAT["experts"], "tau"])
-    return [f"smat/{SMAT_SPACE.wildcard_pattern.format(tau=tau, experts=MAIN_SMAT['experts'])}/seed~{SEEDS[0]}"
-            for tau in dict.fromkeys([taus[0], taus[-1]])]
+    """The lowest- and highest-τ SMAT models at the main model's |M| (METHOD §5.2)."""
+    experts = MODELS[FIGURE_IDS["smat"]].settings["experts"]
+    by_tau = sorted(
+        (MODELS[i].settings["tau"], i) for i in FIGURE_SWEEP_IDS if MODELS[i].settings["experts"] == experts
+    )
+    return list(dict.fromkeys([by_tau[0][1], by_tau[-1][1]]))
 
 
 # ---------------------------------------------------------------------------------------------- resources
-
-JOBS = config["compute"]["jobs"]
-
-
-def runtime(kind):
-    """Minutes for a job of `kind`; a retried job (`--retries`) gets proportionally more. An evaluation
-    job covers every evaluated dataset, so its configured runtime is per dataset."""
-    per_job = len(EVAL_DATASETS) if kind == "evaluate" else 1
-    return lambda wildcards, attempt: JOBS[kind]["runtime"] * per_job * attempt
+# Each rule declares threads, runtime (minutes) and mem_mb sized for the embedded default; profiles replace
+# them with set-threads and set-resources (the paper's sizes are in workflow/profiles/paper).
 
 
-def mem_mb(kind):
-    return lambda wildcards, attempt: JOBS[kind]["mem_mb"] * attempt
+def per_attempt(amount):
+    """`amount` on the first attempt, twice it on the second: a job retried after hitting its time or
+    memory limit (--retries) asks for more."""
+    return lambda wildcards, attempt: amount * attempt
 
 
-def gpus(kind):
-    """One GPU per deep-learning job when compute.gpu is set (Slurm: --gpus), none otherwise."""
-    return 1 if config["compute"]["gpu"] and kind in ("pretrain", "train", "evaluate") else 0
-
-
-def gpu_model(kind):
-    return (config["compute"]["gpu_model"] or "") if gpus(kind) else ""
-
-
+# One GPU per deep-learning job (pre-training, meta-tuning, lr search, evaluation) when the config says the
+# run uses GPUs; the Slurm executor turns it into --gpus=1, the local profile runs such jobs one at a time.
+GPU = 1 if config["compute"]["gpu"] else 0
 DEVICE = config["compute"]["device"]
-
-# ---------------------------------------------------------------------------------- interrupted-run recovery
-
-
-def _other_workflow_processes():
-    """Ids of live processes, other than this one and its ancestors, that run snakemake or smat in the
-    working directory; None where /proc is unavailable (then nothing can be proven dead)."""
-    proc = Path(os.sep, "proc")
-    if not (proc / "self").exists():
-        return None
-    own, pid = set(), os.getpid()
-    while pid > 1 and pid not in own:
-        own.add(pid)
-        try:
-            pid = int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    here = os.path.realpath(os.getcwd())
-    found = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in own:
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        names = [os.path.basename(arg.decode(errors="replace")) for arg in argv[:3]]
-        if cwd == here and any("snakemake" in name or name == "smat" for name in names):
-            found.append(int(entry.name))
-    return found
-
-
-def recover_from_killed_run():
-    """After `kill -9` of Snakemake and its jobs, Snakemake's lock and its marks on the outputs of the
-    killed jobs stay behind, and the same command refuses to run. When no snakemake or smat process is left
-    in this directory and no killed job was a cluster job (which may still be running), remove both: every
-    `smat` command writes its files atomically, so an output that exists is complete, and a job with a
-    missing output (meta-tuning writes DONE last, and every reader of a model needs it) runs again;
-    meta-tuning resumes from its checkpoint,
-    which is not a declared output. workflow/profiles/README.md says what to do in the other cases."""
-    state = Path(".snakemake")
-    locks = sorted((state / "locks").glob("*.lock"))
-    if not workflow.is_main_process or not locks:
-        return
-    marks = [path for path in (state / "incomplete").rglob("*") if path.is_file()]
-    try:
-        if any(json.loads(path.read_text()).get("external_jobid") for path in marks):
-            return
-    except (OSError, ValueError, AttributeError):
-        return
-    others = _other_workflow_processes()
-    if others is None or others:
-        return
-    logger.warning(
-        f"A previous run in this directory was killed: removing its stale lock and the incomplete marks of "
-        f"its {len(marks)} interrupted output file(s); their jobs run again (meta-tuning resumes)."
-    )
-    for path in locks + marks:
-        path.unlink()
-
 
 # ------------------------------------------------------------------------------------- wildcard constraints
 

@@ -1,19 +1,19 @@
 rule build_embedded:
     output:
         directory(EMBEDDED_RAW),
-    params:
-        size=config["embedded"]["size"],
-        seed=config["embedded"]["seed"],
     log:
         "logs/build_embedded.log",
     benchmark:
         "results/benchmarks/build_embedded/embedded.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: JOBS["light"]["threads"]
+    threads: 1
     resources:
-        runtime=runtime("light"),
-        mem_mb=mem_mb("light"),
+        runtime=per_attempt(10),
+        mem_mb=per_attempt(2000),
+    params:
+        size=config["embedded"]["size"],
+        seed=config["embedded"]["seed"],
     shell:
         "smat data build-embedded --out {output} --size {params.size} --seed {params.seed} > {log} 2>&1"
 
@@ -24,22 +24,22 @@ rule convert_dataset:
     output:
         manifest="resources/data/{dataset}/manifest.json",
         images="resources/data/{dataset}/images.npy",
-    params:
-        src=lambda wildcards: source_folder(wildcards.dataset),
-        out=lambda wildcards, output: os.path.dirname(output.manifest),
-        # Without a splits file, a pre-training dataset is split into classes like an ID one.
-        role=lambda wildcards: "ood" if DATASETS[wildcards.dataset]["role"] == "ood" else "id",
-        options=conversion_args,
     log:
         "logs/convert_dataset/{dataset}.log",
     benchmark:
         "results/benchmarks/convert_dataset/{dataset}.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: JOBS["light"]["threads"]
+    threads: 1
     resources:
-        runtime=runtime("light"),
-        mem_mb=mem_mb("light"),
+        runtime=per_attempt(10),
+        mem_mb=per_attempt(2000),
+    params:
+        src=lambda wildcards: source_folder(wildcards.dataset),
+        out=lambda wildcards, output: os.path.dirname(output.manifest),
+        # Without a splits file, a pre-training dataset is split into classes like an ID one.
+        role=lambda wildcards: "ood" if DATASETS[wildcards.dataset]["role"] == "ood" else "id",
+        options=conversion_args,
     shell:
         "smat data convert imagefolder {params.src:q} --out {params.out} --role {params.role} "
         "--domain {wildcards.dataset} {params.options} > {log} 2>&1"

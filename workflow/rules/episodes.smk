@@ -1,22 +1,22 @@
-# Test episodes are sampled once and shared by every model, so comparisons are paired (spec §3.4); the
-# hps file holds the few labelled episodes of the fine-tuning lr search (spec §3.5), with its own seed.
+# Test episodes are sampled once and shared by every model, so comparisons are paired (METHOD §3.4); the
+# hps file holds the few labelled episodes of the fine-tuning lr search (METHOD §3.5), with its own seed.
 rule sample_episodes:
     input:
         store=lambda wildcards: manifest(wildcards.dataset),
     output:
         "results/episodes/{dataset}/{purpose}.json",
-    params:
-        store=lambda wildcards: store(wildcards.dataset),
-        options=episode_args,
     log:
         "logs/sample_episodes/{dataset}/{purpose}.log",
     benchmark:
         "results/benchmarks/sample_episodes/{dataset}/{purpose}.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: JOBS["light"]["threads"]
+    threads: 1
     resources:
-        runtime=runtime("light"),
-        mem_mb=mem_mb("light"),
+        runtime=per_attempt(10),
+        mem_mb=per_attempt(2000),
+    params:
+        store=lambda wildcards: store(wildcards.dataset),
+        options=episode_args,
     shell:
         "smat episodes sample --store {params.store} --split test {params.options} --out {output} > {log} 2>&1"

@@ -1,4 +1,4 @@
-# Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (spec §3.5);
+# Test-time fine-tuning picks one learning rate per (model, dataset, mode) on the hps episodes (METHOD §3.5);
 # one job per (model, mode) searches every dataset (common.smk: per_dataset).
 rule select_lr:
     input:
@@ -7,26 +7,25 @@ rule select_lr:
         stores=EVAL_MANIFESTS,
     output:
         per_dataset("results/lr/{model_id}/{dataset}/{finetune}.json"),
+    log:
+        "logs/select_lr/{model_id}/{finetune}.log",
+    benchmark:
+        "results/benchmarks/select_lr/{model_id}/{finetune}.tsv"
     wildcard_constraints:
         finetune="full|lora",
+    conda:
+        "../../envs/smat.yaml"
+    threads: 1
+    resources:
+        runtime=per_attempt(30 * len(EVAL_DATASETS)),  # 30 minutes per evaluated dataset
+        mem_mb=per_attempt(3000),
+        gpu=GPU,
     params:
         model=lambda wildcards: model_spec(wildcards.model_id),
         stores=EVAL_STORES,
         grid=lr_grid_args(),
         n_episodes=config["episodes"]["hps"]["n"],
         device=DEVICE,
-    log:
-        "logs/select_lr/{model_id}/{finetune}.log",
-    benchmark:
-        "results/benchmarks/select_lr/{model_id}/{finetune}.tsv"
-    conda:
-        "../../envs/smat.yaml"
-    threads: JOBS["evaluate"]["threads"]
-    resources:
-        runtime=runtime("evaluate"),
-        mem_mb=mem_mb("evaluate"),
-        gpu=gpus("evaluate"),
-        gpu_model=gpu_model("evaluate"),
     shell:
         "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.stores} "
         "--finetune {wildcards.finetune} {params.grid} --n-episodes {params.n_episodes} --out {output} "
@@ -40,23 +39,22 @@ rule evaluate:
     output:
         csv=per_dataset("results/eval/{model_id}/{dataset}/{finetune}.csv"),
         summary=per_dataset("results/eval/{model_id}/{dataset}/{finetune}.json"),
-    params:
-        model=lambda wildcards: model_spec(wildcards.model_id),
-        stores=EVAL_STORES,
-        options=evaluation_args,
-        device=DEVICE,
     log:
         "logs/evaluate/{model_id}/{finetune}.log",
     benchmark:
         "results/benchmarks/evaluate/{model_id}/{finetune}.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: JOBS["evaluate"]["threads"]
+    threads: 1
     resources:
-        runtime=runtime("evaluate"),
-        mem_mb=mem_mb("evaluate"),
-        gpu=gpus("evaluate"),
-        gpu_model=gpu_model("evaluate"),
+        runtime=per_attempt(30 * len(EVAL_DATASETS)),  # 30 minutes per evaluated dataset
+        mem_mb=per_attempt(3000),
+        gpu=GPU,
+    params:
+        model=lambda wildcards: model_spec(wildcards.model_id),
+        stores=EVAL_STORES,
+        options=evaluation_args,
+        device=DEVICE,
     shell:
         "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.stores} "
         "--finetune {wildcards.finetune} {params.options} --out {output.csv} --device {params.device} > {log} 2>&1"

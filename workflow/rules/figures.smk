@@ -1,4 +1,4 @@
-# Analyses of spec §5, drawn from the first seed's models; each figure is written as PNG and PDF.
+# Analyses of METHOD §5, drawn from the first seed's models; each figure is written as PNG and PDF.
 
 
 rule figure_pareto:
@@ -7,15 +7,15 @@ rule figure_pareto:
     output:
         png=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Figures"),
         pdf="results/figures/pareto.pdf",
+    log:
+        "logs/figures/pareto.log",
+    localrule: True
+    conda:
+        "../../envs/smat.yaml"
     params:
         figure="pareto",
         datasets=DATASET_ARGS,
         prefix=figure_prefix,
-    log:
-        "logs/figures/pareto.log",
-    conda:
-        "../../envs/smat.yaml"
-    localrule: True
     shell:
         "smat figures {params.figure} --inputs {input.files} {params.datasets} --out-prefix {params.prefix} "
         "> {log} 2>&1"
@@ -27,47 +27,52 @@ use rule figure_pareto as figure_dendrogram with:
     output:
         png=report("results/figures/dendrogram.png", caption="../report/dendrogram.rst", category="Figures"),
         pdf="results/figures/dendrogram.pdf",
+    log:
+        "logs/figures/dendrogram.log",
     params:
         figure="dendrogram",
         datasets=DATASET_ARGS,
         prefix=figure_prefix,
-    log:
-        "logs/figures/dendrogram.log",
 
 
-use rule figure_pareto as figure_grad_alignment with:
+# Training curves, gradient alignment and the expert-mask figures read files of a model directory that are
+# not declared outputs (train.smk): these figures wait for DONE and name the files as params.
+rule figure_curves:
     input:
-        files=[f"results/models/{m}/train_log.jsonl" for m in grad_alignment_models()],
-        done=[done_marker(m) for m in grad_alignment_models()],  # logs are read once training has finished
-    output:
-        png=report("results/figures/grad_alignment.png", caption="../report/grad_alignment.rst", category="Figures"),
-        pdf="results/figures/grad_alignment.pdf",
-    params:
-        figure="grad-alignment",
-        datasets="",
-        prefix=figure_prefix,
-    log:
-        "logs/figures/grad_alignment.log",
-
-
-use rule figure_pareto as figure_curves with:
-    input:
-        files=[f"results/models/{FIGURE_IDS[m]}/train_log.jsonl" for m in ("smat", "pmf", "softmerge")],
         done=[done_marker(FIGURE_IDS[m]) for m in ("smat", "pmf", "softmerge")],
     output:
         png=report("results/figures/curves.png", caption="../report/curves.rst", category="Figures"),
         pdf="results/figures/curves.pdf",
-    params:
-        figure="curves",
-        datasets="",
-        prefix=figure_prefix,
     log:
         "logs/figures/curves.log",
+    localrule: True
+    conda:
+        "../../envs/smat.yaml"
+    params:
+        figure="curves",
+        files=[train_log(FIGURE_IDS[m]) for m in ("smat", "pmf", "softmerge")],
+        prefix=figure_prefix,
+    shell:
+        "smat figures {params.figure} --inputs {params.files} --out-prefix {params.prefix} > {log} 2>&1"
 
 
-use rule figure_pareto as figure_capacity with:
+use rule figure_curves as figure_grad_alignment with:
     input:
-        files=f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
+        done=[done_marker(m) for m in grad_alignment_models()],
+    output:
+        png=report("results/figures/grad_alignment.png", caption="../report/grad_alignment.rst", category="Figures"),
+        pdf="results/figures/grad_alignment.pdf",
+    log:
+        "logs/figures/grad_alignment.log",
+    params:
+        figure="grad-alignment",
+        files=[train_log(m) for m in grad_alignment_models()],
+        prefix=figure_prefix,
+
+
+use rule figure_curves as figure_capacity with:
+    input:
+        done=done_marker(FIGURE_IDS["smat"]),
     output:
         type_png=report("results/figures/capacity_type.png", caption="../report/capacity_type.rst", category="Figures"),
         type_pdf="results/figures/capacity_type.pdf",
@@ -75,23 +80,23 @@ use rule figure_pareto as figure_capacity with:
             "results/figures/capacity_depth.png", caption="../report/capacity_depth.rst", category="Figures"
         ),
         depth_pdf="results/figures/capacity_depth.pdf",
-    params:
-        figure="capacity",
-        datasets="",
-        prefix=figure_prefix,
     log:
         "logs/figures/capacity.log",
+    params:
+        figure="capacity",
+        files=expert_masks(FIGURE_IDS["smat"]),
+        prefix=figure_prefix,
 
 
-use rule figure_pareto as figure_mask_overlap with:
+use rule figure_curves as figure_mask_overlap with:
     input:
-        files=f"results/models/{FIGURE_IDS['smat']}/expert_masks.npz",
+        done=done_marker(FIGURE_IDS["smat"]),
     output:
         png=report("results/figures/mask_overlap.png", caption="../report/mask_overlap.rst", category="Figures"),
         pdf="results/figures/mask_overlap.pdf",
-    params:
-        figure="mask-overlap",
-        datasets="",
-        prefix=figure_prefix,
     log:
         "logs/figures/mask_overlap.log",
+    params:
+        figure="mask-overlap",
+        files=expert_masks(FIGURE_IDS["smat"]),
+        prefix=figure_prefix,

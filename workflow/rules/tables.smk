@@ -7,20 +7,20 @@ rule table1:
         md="results/tables/table1.md",
         tex="results/tables/table1.tex",
         provenance="results/tables/table1.provenance.json",
+    log:
+        "logs/tables/table1.log",
+    localrule: True
+    conda:
+        "../../envs/smat.yaml"
     params:
         table="table1",
         datasets=DATASET_ARGS,
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
-    log:
-        "logs/tables/table1.log",
-    conda:
-        "../../envs/smat.yaml"
-    localrule: True
     shell:
         "smat tables {params.table} --eval {input} {params.datasets} --out-dir {params.out_dir} > {log} 2>&1"
 
 
-# Table 2 (spec §2.2): row 1 = the main SMAT model, rows 2-5 = its ablations, row 6 = PMF; no fine-tuning.
+# Table 2 (METHOD §2.2): row 1 = the main SMAT model, rows 2-5 = its ablations, row 6 = PMF; no fine-tuning.
 use rule table1 as table2 with:
     input:
         eval_csvs(TABLE2_IDS),
@@ -29,15 +29,15 @@ use rule table1 as table2 with:
         md="results/tables/table2.md",
         tex="results/tables/table2.tex",
         provenance="results/tables/table2.provenance.json",
+    log:
+        "logs/tables/table2.log",
     params:
         table="table2",
         datasets=DATASET_ARGS,
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
-    log:
-        "logs/tables/table2.log",
 
 
-# The paper's published numbers (spec §6), for side-by-side reading; never mixed into our results.
+# The paper's published numbers (METHOD §6), for side-by-side reading; never mixed into our results.
 use rule table1 as table_reference with:
     input:
         [],
@@ -46,9 +46,9 @@ use rule table1 as table_reference with:
         md="results/tables/table_reference.md",
         tex="results/tables/table_reference.tex",
         provenance="results/tables/table_reference.provenance.json",
+    log:
+        "logs/tables/table_reference.log",
     params:
         table="reference",
         datasets="",
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
-    log:
-        "logs/tables/table_reference.log",

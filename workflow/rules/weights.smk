@@ -9,19 +9,17 @@ if "fetch" in config["backbone"]:
             [FETCH_SOURCE] if Path(FETCH_SOURCE).is_file() else [],
         output:
             PRETRAINED,
+        log:
+            f"logs/fetch_backbone/{BACKBONE}.log",
+        localrule: True
+        conda:
+            "../../envs/smat.yaml"
         params:
             source=lambda wildcards, input: input[0] if input else FETCH_SOURCE,
             arch=BACKBONE,
             sha256=lambda wildcards: (
-                f"--sha256 {config['backbone']['fetch']['sha256']}"
-                if config["backbone"]["fetch"]["sha256"]
-                else ""
+                f"--sha256 {config['backbone']['fetch']['sha256']}" if config["backbone"]["fetch"]["sha256"] else ""
             ),
-        log:
-            f"logs/fetch_backbone/{BACKBONE}.log",
-        conda:
-            "../../envs/smat.yaml"
-        localrule: True
         shell:
             "smat fetch {params.source:q} --arch {params.arch} {params.sha256} --out {output} > {log} 2>&1"
 
@@ -34,21 +32,20 @@ else:
             stores=[manifest(d) for d in PRETRAIN_DATASETS],
         output:
             PRETRAINED,
-        params:
-            stores=[store(d) for d in PRETRAIN_DATASETS],
-            device=DEVICE,
         log:
             f"logs/pretrain_backbone/{BACKBONE}.log",
         benchmark:
             f"results/benchmarks/pretrain_backbone/{BACKBONE}.tsv"
         conda:
             "../../envs/smat.yaml"
-        threads: JOBS["pretrain"]["threads"]
+        threads: 2
         resources:
-            runtime=runtime("pretrain"),
-            mem_mb=mem_mb("pretrain"),
-            gpu=gpus("pretrain"),
-            gpu_model=gpu_model("pretrain"),
+            runtime=per_attempt(30),
+            mem_mb=per_attempt(4000),
+            gpu=GPU,
+        params:
+            stores=[store(d) for d in PRETRAIN_DATASETS],
+            device=DEVICE,
         shell:
             "smat pretrain --store {params.stores} --config {input.config} --out {output} "
             "--device {params.device} > {log} 2>&1"

@@ -28,7 +28,6 @@ import numpy as np
 import PIL
 import PIL.features
 import sklearn
-from tqdm import tqdm
 
 import smat
 from smat.data.embedded import automata, curves, digits, fractals, glyphs, signs, sketches, textures
@@ -36,6 +35,7 @@ from smat.data.embedded.raster import domain_rng
 from smat.data.embedded.splits import grouped_splits, plan_groups, split_classes
 from smat.data.embedded.writing import DomainImages, write_class_folders, write_grid
 from smat.io import SmatError, write_json
+from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def build_embedded(out: Path, size: str = "default", seed: int = 0) -> None:
     start = time.perf_counter()
     try:
         domains = {}
-        for domain in tqdm(DOMAINS, desc="build-embedded", unit="domain", disable=None):
+        for domain in progress_bar(DOMAINS, desc="build-embedded", unit="domain", disable=None):
             domains[domain.name] = _build_domain(domain, SIZES[size], seed, tmp)
         write_json(tmp / "benchmark.json", {"domains": domains, "seed": seed, "size": size, "versions": _versions()})
         if out.exists():
