@@ -36,8 +36,9 @@ def main() -> int:
     targets = [f"results/eval/{m}/seed~{s}/{d}/none.csv" for m in models for s in SEEDS for d in datasets]
     targets += [f"results/eval/pre/{d}/none.csv" for d in datasets]
     # Labels carry the seed once there are several, which is not a reason to re-evaluate seed 0.
-    subprocess.run(["snakemake", "-s", str(ROOT / "Snakefile"), f"--configfile={config_file}",
-                    "--cores", str(args.cores), "--rerun-triggers", "mtime", *targets], cwd=args.run, check=True)
+    # Targets first: --configfile and --rerun-triggers take several values and would swallow them.
+    subprocess.run(["snakemake", *targets, "-s", str(ROOT / "Snakefile"), f"--configfile={config_file}",
+                    "--cores", str(args.cores), "--rerun-triggers=mtime"], cwd=args.run, check=True)
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "findings.py"), "--run", str(args.run),
                            "--config", str(config_file), "--label", "seeds"]).returncode
 
