@@ -2,9 +2,10 @@
 
 Objective: joint supervised classification over the union of the train classes of all given stores (the
 embedded default: the pre-training corpus of textures, sketches, signs and fractals, disjoint from the
-alphabets that meta-tuning sees, as ImageNet is for DINO) (a linear head on the CLS feature, cross-entropy, AdamW, linear warm-up then cosine decay, per-step
-schedule), with progressive resizing: the first `low_res_epochs` see 16-px crops (a quarter of the tokens,
-the position embeddings resampled on the fly), the last ones full-size crops. Why this objective: it is
+alphabets that meta-tuning sees, as ImageNet is for DINO) with a linear head on the CLS feature,
+cross-entropy, AdamW, linear warm-up then cosine decay (per-step schedule), and progressive resizing: the
+first `low_res_epochs` see 16-px crops (a quarter of the tokens, the position embeddings resampled on the
+fly), the last ones full-size crops. Why this objective: it is
 generic and, like DINO, not episodic, so the features are not tuned for few-shot episodes and meta-tuning
 has something to add; and it learns useful features fastest within a CPU budget of minutes, where
 self-supervised objectives need many more epochs. Why progressive

@@ -5,8 +5,9 @@
 # train_log.jsonl and its resume state (resume.pt, last.pt): none of them is a declared output, so Snakemake
 # never deletes them and a re-run of a cut-off job continues from them. The declared outputs are written at
 # the very end (DONE last): deleting them before a re-run loses nothing. Readers of a model wait for DONE
-# (common.smk: trained); so do the readers of expert_masks.npz, which SMAT models with gates write before it. Not update(): Snakemake restores such a file after a failed job, which would put
-# the log behind the resume state.
+# (common.smk: trained), and so do the readers of expert_masks.npz, which SMAT models with gates write
+# before it. Not update(): Snakemake restores such a file after a failed job, which would put the log
+# behind the resume state.
 
 
 rule meta_tune:
