@@ -90,7 +90,7 @@ def main() -> None:
         models = {
             "pre": Pre(create_backbone(ARCH)),
             "pmf": PMF(create_backbone(ARCH)),
-            "smat": build_model(TrainConfig(method="smat", backbone=ARCH, experts=8), create_backbone(ARCH)),
+            "smat": build_model(TrainConfig(method="smat", experts=8), create_backbone(ARCH)),
         }
         models = {name: model.to(device).eval() for name, model in models.items()}
         record: dict = {"no_finetuning": {}, "finetuning": {}}

@@ -44,8 +44,8 @@ def measure(args: argparse.Namespace) -> dict:
     """Child process: time `args.updates` meta-updates of `args.method` after one warm-up update."""
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    config = build_dataclass(TrainConfig, {"method": args.method, "backbone": args.backbone,
-                                           "image_size": args.image_size, "experts": args.experts})
+    config = build_dataclass(TrainConfig, {"method": args.method, "image_size": args.image_size,
+                                           "experts": args.experts})
     model = build_model(config, create_backbone(args.backbone, args.image_size)).to(device).train()
     optimisers = build_optimisers(model, config.optim)
     set_epoch_lr(optimisers, 5, config.schedule)                   # full learning rates, as after warm-up

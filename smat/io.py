@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -55,6 +56,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             os.fsync(handle.fileno())
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; rename it onto `path` only if the block succeeds.
+
+    `path` must not exist or be an empty folder. A crash leaves nothing behind, and the result gets the
+    permissions a plain mkdir() would (mkdtemp makes folders private).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        os.rename(tmp, path)  # atomic; replaces `path` only if it is an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     with atomic_open(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=indent, sort_keys=False, default=_json_default)
@@ -70,6 +92,41 @@ def read_json(path: str | os.PathLike) -> Any:
         raise SmatError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
         raise SmatError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_torch(path: str | os.PathLike, what: str, fix: str, *, weights_only: bool = True, mmap: bool = False,
+               allowed: tuple = (), name: str | None = None) -> Any:
+    """`torch.load` to the CPU with one error message for a missing or unreadable file.
+
+    `what` names the file's kind ("backbone checkpoint"), `fix` says what to do instead; `allowed` lists the
+    classes beyond tensors that `weights_only` loading may unpickle; `name` is what messages call the file
+    (e.g. the URL it was downloaded from), by default its path.
+    """
+    import torch
+
+    path = Path(path)
+    name = name or str(path)
+    if not path.is_file():
+        raise SmatError(f"{name}: {what} not found; {fix}")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # torch raises many exception types for files it cannot read
+        raise SmatError(f"{name}: not a readable {what} ({brief_error(err)}); {fix}") from None
+
+
+def load_torch_record(path: str | os.PathLike, what: str, fmt: str, fix: str, **kwargs: Any) -> dict[str, Any]:
+    """A dict saved by `torch.save` whose "format" key is `fmt`; anything else is one clear error."""
+    record = load_torch(path, what, fix, **kwargs)
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise SmatError(f"{path}: not a {what} (format {fmt!r}); {fix}")
+    return record
+
+
+def brief_error(err: Exception) -> str:
+    """First line of an exception from torch / safetensors, whose messages can run to many lines."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _json_default(obj: Any) -> Any:

@@ -39,7 +39,7 @@ from smat.config import load_config, to_dict
 from smat.data.store import Store
 from smat.data.transforms import train_transform
 from smat.device import resolve_device
-from smat.io import SmatError, atomic_path, provenance, stable_hash
+from smat.io import SmatError, atomic_path, load_torch_record, provenance, stable_hash
 from smat.models.backbones import backbone_spec, create_backbone
 from smat.models.checkpoint import export_weights, save_checkpoint
 from smat.progress import progress_bar
@@ -51,21 +51,23 @@ PARTIAL_FORMAT = "smat-pretrain-partial/1"
 
 @dataclasses.dataclass
 class PretrainConfig:
-    """Defaults = config/pretrain/embedded.yaml (the embedded benchmark's pre-training)."""
+    """The defaults are the embedded benchmark's recipe (config/pretrain/embedded.yaml states nothing else)."""
 
-    arch: str = "vit_tiny_patch4_32"          # backbone to pre-train (smat.models.backbones.BACKBONES)
+    arch: str = "vit_tiny_patch4_32"          # backbone to pre-train (smat.models.backbones.BACKBONES); the
+                                              # workflow sets it from backbone.arch
     image_size: int = 32                      # training resolution; stores must hold images of this size
     epochs: int = 12                          # passes over all train images (the last partial batch is dropped)
-    batch_size: int = 32
+    batch_size: int = 32                      # small batches, many steps: better features per CPU-second than 128
     lr: float = 1e-3                          # AdamW peak learning rate
     weight_decay: float = 0.05                # on weight matrices only (not norms, biases, tokens, pos_embed)
     warmup_epochs: float = 0.5                # linear warm-up, then cosine decay to 0, both per step
     label_smoothing: float = 0.0
     patch_drop_rate: float = 0.0              # fraction of patch tokens dropped per training image (speed)
-    low_res_size: int | None = 16             # progressive resizing: the first low_res_epochs train on
-    low_res_epochs: int = 10                  # crops shrunk to low_res_size px (4x fewer tokens), then image_size
+    low_res_size: int | None = 16             # progressive resizing: the first low_res_epochs train on crops
+    low_res_epochs: int = 10                  # shrunk to low_res_size px (4x fewer tokens, 3.7x the images per
+                                              # second), then image_size
     grad_clip: float = 1.0                    # max global gradient norm; 0 = no clipping
-    crop_scale: tuple[float, float] = (0.6, 1.0)   # RandomResizedCrop area range
+    crop_scale: tuple[float, float] = (0.6, 1.0)   # RandomResizedCrop area range (small crops destroy 32-px glyphs)
     seed: int = 0
     checkpoint_every_steps: int = 200         # write OUT.partial every N steps ...
     checkpoint_every_seconds: float = 120.0   # ... or every N seconds, whichever comes first
@@ -256,12 +258,7 @@ def _resume(path: Path, run_key: str, model: nn.Module, optimizer: torch.optim.O
     """Restore the state saved in `path` if it exists; return (step, seconds spent so far)."""
     if not path.exists():
         return 0, 0.0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files
-        raise SmatError(f"{path}: unreadable resume state ({err}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != PARTIAL_FORMAT:
-        raise SmatError(f"{path}: not a pre-training resume state; delete it to start over")
+    state = load_torch_record(path, "pre-training resume state", PARTIAL_FORMAT, "delete it to start over")
     if state["run_key"] != run_key:
         raise SmatError(f"{path}: written by a run with other settings or stores; rerun with the same ones, "
                         "or delete it to start over")

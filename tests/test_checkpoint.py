@@ -220,7 +220,7 @@ def test_errors_are_clear_and_leave_nothing(tmp_path, weights_file):
     save_checkpoint(tmp_path / "incomplete.pt", TINY, incomplete, source="test", sha256=None, meta={})
     with pytest.raises(SmatError, match=r"missing keys \(1\): blocks\.0\.norm1\.weight"):
         load_pretrained(tmp_path / "incomplete.pt")
-    with pytest.raises(SmatError, match="not a smat-backbone/1 checkpoint.*smat fetch"):
+    with pytest.raises(SmatError, match=r"not a backbone checkpoint \(format 'smat-backbone/1'\).*smat fetch"):
         load_pretrained(path)
 
 

@@ -62,7 +62,7 @@ def build_smat(seed: int = 0, experts: int = 2):
     Its config is kept as `model.config` for checkpoints written by the tests.
     """
     torch.manual_seed(seed)
-    config = TrainConfig(method="smat", backbone=ARCH, experts=experts)
+    config = TrainConfig(method="smat", experts=experts)
     model = build_model(config, create_backbone(ARCH))
     with torch.no_grad():
         model.experts.delta.normal_(0, 0.02)

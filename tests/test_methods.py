@@ -22,7 +22,7 @@ from smat.training.optim import build_optimisers, set_epoch_lr, step
 
 
 def config(**overrides) -> TrainConfig:
-    return build_dataclass(TrainConfig, {"backbone": "vit_tiny_patch4_32", "image_size": 16, "experts": 3,
+    return build_dataclass(TrainConfig, {"image_size": 16, "experts": 3,
                                          "tau": 0.9, **overrides})
 
 

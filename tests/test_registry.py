@@ -33,7 +33,7 @@ def test_every_trained_method_builds_and_names_its_optimiser_groups():
     expected = {"pmf": (["pmf"], []), "softmerge": (["delta"], ["router"]),
                 "smat": (["delta", "masks", "lagrangian"], ["router"])}
     for method in TRAINED_METHODS:
-        config = load_config(TrainConfig, None, [f"method={method}", f"backbone={ARCH}", "image_size=32",
+        config = load_config(TrainConfig, None, [f"method={method}", "image_size=32",
                                                  "experts=2"])
         torch.manual_seed(0)
         model = build_model(config, create_backbone(ARCH, 32))

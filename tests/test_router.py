@@ -16,7 +16,7 @@ from smat.training.config import TrainConfig
 
 def tiny_smat(**overrides):
     torch.manual_seed(0)
-    config = build_dataclass(TrainConfig, {"backbone": "vit_tiny_patch4_32", "image_size": 16, "experts": 3,
+    config = build_dataclass(TrainConfig, {"image_size": 16, "experts": 3,
                                            **overrides})
     return build_model(config, create_backbone("vit_tiny_patch4_32", image_size=16))
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from smat.config import load_yaml
 from smat.io import SmatError
-from smat.methods.registry import METHODS, SWITCH_LABELS, SWITCH_NAMES, display_name
+from smat.methods.registry import METHODS, SWITCH_LABELS, SWITCH_NAMES, display_name, sparsity_and_experts
 
 @dataclass
 class TrainingRun:
@@ -64,8 +64,7 @@ def describe_model(model_dir: Path) -> dict[str, Any]:
         return {"method": config.get("method"), "tau": None, "experts": None, "switched_off": []}
     switches = {name: getattr(method.switches, name) for name in SWITCH_NAMES} | (config.get("switches") or {})
     try:
-        tau = float(config["tau"]) if switches["mls"] and config.get("tau") is not None else None
-        experts = int(config["experts"]) if method.ablatable and config.get("experts") is not None else None
+        tau, experts = sparsity_and_experts(config)
     except (TypeError, ValueError):
         raise SmatError(f"{config_path}: tau {config.get('tau')!r} / experts {config.get('experts')!r} are not "
                         f"numbers") from None

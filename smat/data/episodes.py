@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -151,13 +151,19 @@ def sample_to_file(store_root: str | os.PathLike, split: str, n: int, seed: int,
     """Freeze `n` episodes of `split` in a JSON file; the same arguments always give the same bytes."""
     store = Store(store_root)
     sampler, episodes = _sample(store, split, n, seed, ways, shots, queries)
+    write_episode_file(out, store, split, seed, sampler, episodes)
+    log.info("%s: %d episodes of %s/%s (seed %d)", out, n, store.domain, split, seed)
+
+
+def write_episode_file(out: str | os.PathLike, store: Store, split: str, seed: int, sampler: EpisodeSampler,
+                       episodes: Sequence[Episode]) -> None:
+    """The episode-file format: episodes of `store`'s `split`, with the seed and sampler that drew them."""
     write_json(out, {
         "format": FORMAT,
         "store": {"domain": store.domain, "fingerprint": store.fingerprint},
         "split": split, "seed": seed, "sampler": sampler.describe(),
         "episodes": [asdict(e) for e in episodes],
     }, indent=None)
-    log.info("%s: %d episodes of %s/%s (seed %d)", out, n, store.domain, split, seed)
 
 
 def _sample(store: Store, split: str, n: int, seed: int, ways: int | None, shots: int | None, queries: int | None

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from smat.data.hierarchy import dag_problems
-from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash, write_json
+from smat.io import SmatError, atomic_dir, provenance, read_json, sha256_file, stable_hash, write_json
 from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -142,9 +140,7 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
         raise SmatError(f"{src}: no class has at least min_images = {min_images} images")
     size = image_size or _common_size(src, [path for *_, paths in kept for path in paths])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         classes, skipped, too_few = _write_images(tmp / "images.npy", src, kept, size, image_size is not None,
                                                   skip_bad, min_images)
         excluded += too_few
@@ -165,11 +161,6 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
                                      min_images=min_images, skip_bad=skip_bad),
         }
         write_json(tmp / "manifest.json", manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.rename(tmp, out)  # atomic; replaces `out` only if it is an empty folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_images = sum(c.n_images for c in classes)
     log.info("%s: %d classes, %d images of %dx%d px -> %s", domain, len(classes), n_images, size, size, out)
     return Store(out)

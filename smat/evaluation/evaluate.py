@@ -32,7 +32,8 @@ from smat.evaluation.feature_cache import CHUNK, FeatureCache
 from smat.evaluation.finetune import FINETUNE_STEPS, finetune_full
 from smat.evaluation.results import FINETUNE_MODES, write_results
 from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash
-from smat.methods.registry import PRETRAINED_PREFIX, SWITCH_NAMES, TRAINED_METHODS, display_name
+from smat.methods.registry import (PRETRAINED_PREFIX, SWITCH_NAMES, display_name,
+                                   sparsity_and_experts)
 from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,6 @@ class EpisodeRunner:
         return accuracy, loss, alpha
 
 
-MODEL_FORMAT = "smat-model/1"
-
-
 def model_file(model_spec: str) -> Path:
     """The file behind a model spec: a checkpoint path, or FILE of `pretrained:FILE`."""
     path = Path(model_spec[len(PRETRAINED_PREFIX):] if model_spec.startswith(PRETRAINED_PREFIX) else model_spec)
@@ -170,44 +168,27 @@ def model_file(model_spec: str) -> Path:
     return path
 
 
-def _checkpoint_header(path: Path) -> dict[str, Any]:
-    """Method and config of a `smat train` checkpoint, checked before the model is built.
-
-    The file is memory-mapped, so its tensors are not read here.
-    """
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many types for files it cannot read
-        raise SmatError(f"{path}: not a readable model checkpoint ({err}); pass a `smat train` checkpoint, "
-                        f"or pretrained:FILE for a backbone checkpoint") from None
-    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
-        raise SmatError(f"{path}: not a {MODEL_FORMAT} checkpoint written by `smat train`; for a backbone "
-                        f"checkpoint use --model pretrained:{path}")
-    method = record.get("method")
-    if method not in TRAINED_METHODS:
-        raise SmatError(f"{path}: unknown method {method!r}; known trained methods: {', '.join(TRAINED_METHODS)}")
-    return {"method": method, "config": record.get("config") or {}}
-
-
 def load_model_with_info(model_spec: str, device: torch.device):
     """(model in eval mode, its identity and Table 2 switches for the result rows; empty switches for Pre)."""
-    from smat.methods.registry import load_model
+    from smat.methods.registry import load_model, load_trained
 
     path = model_file(model_spec)
-    pretrained = model_spec.startswith(PRETRAINED_PREFIX)
-    header = None if pretrained else _checkpoint_header(path)
-    model = load_model(model_spec, device)
+    if model_spec.startswith(PRETRAINED_PREFIX):
+        model, config = load_model(model_spec, device), None
+    else:
+        model, checkpoint = load_trained(path, device)
+        config = checkpoint["config"]
     sha = sha256_file(path)
     info: dict[str, Any] = {"method": model.method, "model_id": f"{model.method}-{sha[:12]}",
                             "model_sha256": sha, **{name: None for name in SWITCH_NAMES}, "tau": None,
                             "experts": None}
-    if header is None:
+    if config is None:
         info["config_hash"] = stable_hash({"method": model.method, "pretrained_sha256": sha})
     else:
-        config = header["config"]
         switches = config.get("switches") or {}
         info.update({name: switches.get(name) for name in SWITCH_NAMES})
-        info.update(tau=config.get("tau"), experts=config.get("experts"), config_hash=stable_hash(config))
+        tau, experts = sparsity_and_experts(config)
+        info.update(tau=tau, experts=experts, config_hash=stable_hash(config))
     return model, info
 
 

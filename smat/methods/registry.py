@@ -76,6 +76,19 @@ def column_rank(method: str | None) -> int:
     return list(METHODS).index(method) if method in METHODS else len(METHODS)
 
 
+def sparsity_and_experts(config: dict) -> tuple[float | None, int | None]:
+    """(τ, M) of a trained model's config dict; None where meaningless for the method: no experts without
+    Table 2 switches (PMF), no sparsity target without gates (switches.mls off)."""
+    method = METHODS.get(config.get("method"))
+    if method is None or not method.trained:
+        return None, None
+    mls = (config.get("switches") or {}).get("mls")
+    mls = method.switches.mls if mls is None else mls
+    tau, experts = config.get("tau"), config.get("experts")
+    return (float(tau) if mls and tau is not None else None,
+            int(experts) if method.ablatable and experts is not None else None)
+
+
 def resolve_switches(method: str, switches: Switches, experts: int) -> Switches:
     """Fill unset switches with the method's defaults and reject combinations that define no model."""
     if method not in TRAINED_METHODS:
@@ -110,13 +123,17 @@ def load_model(spec: str, device: "torch.device | str") -> "FewShotModel":
         from smat.models.checkpoint import load_pretrained
 
         backbone, _ = load_pretrained(Path(spec[len(PRETRAINED_PREFIX):]))
-        model = METHODS["pre"].load_class()(backbone)
-    else:
-        from smat.models.backbones import create_backbone
-        from smat.training.checkpointing import read_model_checkpoint
+        return METHODS["pre"].load_class()(backbone).to(device).eval()
+    return load_trained(Path(spec), device)[0]
 
-        checkpoint, config = read_model_checkpoint(Path(spec))
-        backbone = create_backbone(checkpoint["backbone"]["arch"], checkpoint["backbone"]["image_size"])
-        model = build_model(config, backbone)
-        model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval()
+
+def load_trained(path: Path, device: "torch.device | str") -> "tuple[FewShotModel, dict]":
+    """(model in eval mode on `device`, checkpoint record) of a `smat train` checkpoint, read once."""
+    from smat.models.backbones import create_backbone
+    from smat.training.checkpointing import read_model_checkpoint
+
+    checkpoint, config = read_model_checkpoint(path)
+    backbone = create_backbone(checkpoint["backbone"]["arch"], checkpoint["backbone"]["image_size"])
+    model = build_model(config, backbone)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from smat.io import SmatError, atomic_path, sha256_file
+from smat.io import SmatError, atomic_path, brief_error, load_torch, load_torch_record, sha256_file
 from smat.models.backbones import BACKBONES, Backbone, backbone_spec, create_backbone
 from smat.models.dino_keys import convert_to_timm
 from smat.progress import progress_bar
@@ -90,16 +90,9 @@ def export_weights(state_dict: dict[str, torch.Tensor], out: Path) -> str:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint record, validated: a dict in FORMAT with a known arch."""
-    path = Path(path)
-    if not path.is_file():
-        raise SmatError(f"{path}: backbone checkpoint not found (create it with `smat fetch` or `smat pretrain`)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files
-        raise SmatError(f"{path}: not a readable backbone checkpoint ({_brief(err)})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise SmatError(f"{path}: not a {FORMAT} checkpoint; convert raw weights with "
-                        f"`smat fetch {path} --out NEW.pt`")
+    record = load_torch_record(path, "backbone checkpoint", FORMAT,
+                               f"create one with `smat fetch` or `smat pretrain`; convert raw weights with "
+                               f"`smat fetch {path} --out NEW.pt`")
     if record.get("arch") not in BACKBONES:
         raise SmatError(f"{path}: unknown backbone {record.get('arch')!r}; "
                         f"known backbones: {', '.join(BACKBONES)}")
@@ -198,22 +191,12 @@ def _read_weights(path: Path, source: str) -> Any:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise SmatError(f"{source}: not a readable safetensors file ({_brief(err)})") from None
+            raise SmatError(f"{source}: not a readable safetensors file ({brief_error(err)})") from None
     import argparse
 
-    try:
-        # DINO training checkpoints also pickle their argparse.Namespace; nothing else beyond tensors is allowed.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files
-        raise SmatError(f"{source}: not a readable PyTorch weights file ({_brief(err)}); expected .pth/.pt/.bin "
-                        "or .safetensors") from None
-
-
-def _brief(err: Exception) -> str:
-    """First line of an exception from torch / safetensors, whose messages can run to many lines."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    # DINO training checkpoints also pickle their argparse.Namespace; nothing else beyond tensors is allowed.
+    return load_torch(path, "PyTorch weights file", "expected .pth/.pt/.bin or .safetensors",
+                      allowed=(argparse.Namespace,), name=source)
 
 
 def _grid(n_tokens: int, where: Any) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from smat.config import build_dataclass
-from smat.io import SmatError, atomic_path, provenance
+from smat.io import SmatError, atomic_path, load_torch_record, provenance
 from smat.training.config import TrainConfig
 
 MODEL_FORMAT = "smat-model/1"
@@ -41,17 +41,13 @@ def _plain(record: dict) -> dict:
 
 def read_model_checkpoint(path: Path) -> tuple[dict[str, Any], TrainConfig]:
     """(record, config) of a model checkpoint, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise SmatError(f"{path}: model checkpoint not found (train one with `smat train`, or use "
-                        "pretrained:FILE for the pre-trained backbone)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many exception types for unreadable files
-        raise SmatError(f"{path}: not a readable model checkpoint ({err})") from None
-    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
-        raise SmatError(f"{path}: not a {MODEL_FORMAT} checkpoint; a backbone checkpoint is loaded as "
-                        f"pretrained:{path}")
+    record = load_torch_record(path, "model checkpoint", MODEL_FORMAT,
+                               f"pass a `smat train` checkpoint, or pretrained:{path} for a backbone checkpoint")
+    from smat.methods.registry import TRAINED_METHODS
+
+    if record.get("method") not in TRAINED_METHODS:
+        raise SmatError(f"{path}: unknown method {record.get('method')!r}; known trained methods: "
+                        f"{', '.join(TRAINED_METHODS)}")
     config = build_dataclass(TrainConfig, record["config"], where=f"{path}: config")
     return record, config
 
@@ -78,11 +74,6 @@ def save_resume(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_resume(path: Path) -> dict[str, Any]:
-    try:
-        # Our own file in the run directory; it holds numpy RNG state, which needs the full unpickler.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many exception types for unreadable files
-        raise SmatError(f"{path}: unreadable resume state ({err}); delete it to restart the run") from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise SmatError(f"{path}: not a {RESUME_FORMAT} file; delete it to restart the run")
-    return state
+    # Our own file in the run directory; it holds numpy RNG state, which needs the full unpickler.
+    return load_torch_record(path, "resume state", RESUME_FORMAT, "delete it to restart the run",
+                             weights_only=False)

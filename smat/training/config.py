@@ -98,8 +98,7 @@ class GradAlignmentConfig:
 @dataclass
 class TrainConfig:
     method: MethodName = "smat"
-    backbone: str = "vit_small_patch16_dino"
-    image_size: int | None = None       # null: the backbone's default input size
+    image_size: int | None = None       # null: the input size of the backbone (`smat train --pretrained`)
     experts: int = 8                    # M
     tau: float = 0.9                    # target sparsity per expert (fraction of zero gates)
     switches: Switches = field(default_factory=Switches)

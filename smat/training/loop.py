@@ -20,7 +20,6 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,7 @@ import torch
 import yaml
 
 from smat.config import load_config, to_dict
-from smat.data.episodes import FORMAT as EPISODES_FORMAT
-from smat.data.episodes import load_episode_file, make_sampler
+from smat.data.episodes import load_episode_file, make_sampler, write_episode_file
 from smat.data.loader import EpisodeTensors, load_episode
 from smat.data.store import Store
 from smat.data.transforms import test_transform, train_transform
@@ -71,9 +69,7 @@ def write_val_episodes(store: Store, config: TrainConfig, out: Path) -> None:
     sampler = make_sampler(store, "val", config.sampler)
     rng = np.random.default_rng(config.validation.seed)
     episodes = [sampler.sample(rng) for _ in range(config.validation.episodes)]
-    write_json(out, {"format": EPISODES_FORMAT, "store": {"domain": store.domain, "fingerprint": store.fingerprint},
-                     "split": "val", "seed": config.validation.seed, "sampler": sampler.describe(),
-                     "episodes": [asdict(e) for e in episodes]}, indent=None)
+    write_episode_file(out, store, "val", config.validation.seed, sampler, episodes)
 
 
 def episode_accuracy(model: FewShotModel, episode: EpisodeTensors) -> float:
@@ -95,9 +91,6 @@ class Trainer:
         self.config, self.out, self.device = config, out, device
         self.stores = open_stores(store_paths)
         backbone, meta = load_pretrained(pretrained, config.image_size)
-        if meta["arch"] != config.backbone:
-            raise SmatError(f"{pretrained}: holds backbone {meta['arch']!r} but the config says backbone: "
-                            f"{config.backbone!r}; pass the matching --pretrained file or --set backbone=...")
         if config.validation.episodes and (no_val := [s.domain for s in self.stores if not s.class_ids("val")]):
             raise SmatError(f"--store: {', '.join(no_val)} has no val classes, which validation needs; pass ID stores "
                             "with a val split, or --set validation.episodes=0 to select the last model")
@@ -105,7 +98,7 @@ class Trainer:
             raise SmatError(f"tasks_per_epoch={config.tasks_per_epoch} is not a multiple of meta_batch="
                             f"{config.meta_batch}; every epoch must end with an optimiser step")
         self.plain_config = json.loads(json.dumps(to_dict(config)))       # tuples -> lists, for YAML and JSON
-        self.backbone_info = {"arch": config.backbone, "image_size": backbone.image_size,
+        self.backbone_info = {"arch": meta["arch"], "image_size": backbone.image_size,
                               "pretrained_sha256": sha256_file(pretrained)}
         self.run_id = stable_hash({"config": self.plain_config, "backbone": self.backbone_info,
                                    "stores": [s.fingerprint for s in self.stores]})

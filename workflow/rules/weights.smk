@@ -25,7 +25,8 @@ if "fetch" in config["backbone"]:
 
 else:
 
-    # Pre-train the backbone here (offline) on the train classes of the pre-training corpus.
+    # Pre-train the backbone here (offline) on the train classes of the pre-training corpus; the
+    # architecture is backbone.arch, the recipe the pre-training yaml.
     rule pretrain_backbone:
         input:
             config=project_path(config["backbone"]["pretrain"]["config"]),
@@ -45,7 +46,8 @@ else:
             gpu=GPU,
         params:
             stores=[store(d) for d in PRETRAIN_DATASETS],
+            arch=BACKBONE,
             device=DEVICE,
         shell:
-            "smat pretrain --store {params.stores} --config {input.config} --out {output} "
-            "--device {params.device} > {log} 2>&1"
+            "smat pretrain --store {params.stores} --config {input.config} --set arch={params.arch} "
+            "--out {output} --device {params.device} > {log} 2>&1"

@@ -15,9 +15,6 @@ an interrupted build never leaves a folder that looks complete. Every random dra
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ from smat.data.embedded import automata, curves, digits, fractals, glyphs, signs
 from smat.data.embedded.raster import domain_rng
 from smat.data.embedded.splits import grouped_splits, plan_groups, split_classes
 from smat.data.embedded.writing import DomainImages, write_class_folders, write_grid
-from smat.io import SmatError, write_json
+from smat.io import SmatError, atomic_dir, write_json
 from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -105,20 +102,12 @@ def build_embedded(out: Path, size: str = "default", seed: int = 0) -> None:
         raise SmatError(f"--seed {seed}: the seed must be a non-negative integer")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SmatError(f"{out}: already exists and is not empty; delete it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     start = time.perf_counter()
-    try:
+    with atomic_dir(out) as tmp:
         domains = {}
         for domain in progress_bar(DOMAINS, desc="build-embedded", unit="domain", disable=None):
             domains[domain.name] = _build_domain(domain, SIZES[size], seed, tmp)
         write_json(tmp / "benchmark.json", {"domains": domains, "seed": seed, "size": size, "versions": _versions()})
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_images = sum(d["n_classes"] * d["images_per_class"] for d in domains.values())
     log.info("%s: %d domains, %d images in %.1f s", out, len(domains), n_images, time.perf_counter() - start)
 
