@@ -10,6 +10,8 @@ After `kill -9` of Snakemake: `snakemake --unlock`, then the same command with `
 
 from snakemake.utils import min_version, validate
 
+from smat.config import exponents_as_numbers
+
 min_version("9.0")
 
 
@@ -20,7 +22,9 @@ if not workflow.overwrite_configfiles:
     configfile: workflow.source_path("config/config.yaml")
 
 
-# A wrong key or value stops here, before any job starts.
+# `1e-3` is a number, as in the package's configs (Snakemake's YAML 1.1 reads it as a string). A wrong key or
+# value stops here, before any job starts.
+config.update(exponents_as_numbers(config))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -7,6 +7,8 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,10 +21,34 @@ from smat.io import SmatError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-3` as a number: YAML 1.1 (PyYAML) needs a dot and a signed exponent
+    (`1.0e-3`), and users write the YAML 1.2 / Python spelling."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def exponents_as_numbers(data: Any) -> Any:
+    """`data` (as loaded by plain YAML 1.1, e.g. Snakemake's config) with strings like "1e-3" made numbers."""
+    if isinstance(data, dict):
+        return {key: exponents_as_numbers(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [exponents_as_numbers(value) for value in data]
+    if isinstance(data, str) and _EXPONENT_FLOAT.match(data):
+        return float(data.replace("_", ""))
+    return data
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SmatError(f"{path}: config file not found") from None
     except yaml.YAMLError as err:
@@ -34,6 +60,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+MAX_SEED = 2**32 - 1    # numpy's seed range
+
+
+def check_ranges(config: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 fraction: tuple[str, ...] = (), seeds: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first setting of `config` out of its range: > 0, >= 0, in [0, 1], a seed.
+
+    Also rejects NaN and infinity, which every comparison would otherwise let through or stop on silently.
+    None (an optional setting left unset) is always accepted.
+    """
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (seeds, lambda v: 0 <= v <= MAX_SEED,
+                                                              f"an integer in [0, {MAX_SEED}]")]
+    for names, ok, wanted in rules:
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name}={value}: must be {wanted}")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings; values are parsed as YAML scalars (so `true`, `0.9`, `[1, 2]` work)."""
     data = dict(data)
@@ -41,7 +87,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SmatError(f"--set {item!r}: expected KEY=VALUE")
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -96,8 +142,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise SmatError(f"{where}: expected a list, got {value!r}")
-        (item_hint, *_) = typing.get_args(hint) or (Any,)
-        items = [_coerce(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        args = typing.get_args(hint) or (Any,)
+        fixed = origin is tuple and Ellipsis not in args
+        if fixed and len(value) != len(args):
+            raise SmatError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        hints = args if fixed else [args[0]] * len(value)
+        items = [_coerce(h, v, f"{where}[{i}]") for i, (h, v) in enumerate(zip(hints, value))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):

@@ -123,6 +123,16 @@ def load_torch_record(path: str | os.PathLike, what: str, fmt: str, fix: str, **
     return record
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor of `tensors` holding NaN or infinity, else None."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def brief_error(err: Exception) -> str:
     """First line of an exception from torch / safetensors, whose messages can run to many lines."""
     text = str(err).strip()

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smat.config import load_config, to_dict
+from smat.config import check_ranges, load_config, to_dict
 from smat.data.store import Store
 from smat.data.transforms import train_transform
 from smat.device import resolve_device
-from smat.io import SmatError, atomic_path, load_torch_record, provenance, stable_hash
+from smat.io import SmatError, atomic_path, first_nonfinite, load_torch_record, provenance, stable_hash
 from smat.models.backbones import backbone_spec, create_backbone
 from smat.models.checkpoint import export_weights, save_checkpoint
 from smat.progress import progress_bar
@@ -75,6 +75,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         backbone_spec(self.arch)
+        check_ranges(self, positive=("image_size", "lr"), seeds=("seed",),
+                     non_negative=("weight_decay", "warmup_epochs", "grad_clip"),
+                     fraction=("label_smoothing", "patch_drop_rate"))
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -146,6 +149,8 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
         y = labels[batch].to(dev)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            _diverged(f"loss {loss.item()}", step, partial, last_step_saved, out, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -160,6 +165,8 @@ def pretrain(stores: list[Path], out: Path, config: str | None, overrides: list[
                                  lr=f"{scheduler.get_last_lr()[0]:.1e}")
         due = (step - last_step_saved >= cfg.checkpoint_every_steps
                or time.monotonic() - last_save >= cfg.checkpoint_every_seconds)
+        if (due or step == stop or step == total) and (bad := first_nonfinite(model.state_dict())):
+            _diverged(f"tensor {bad}", step, partial, last_step_saved, out, cfg)
         if step < total and (due or step == stop):
             elapsed = seconds + time.monotonic() - started
             _save_partial(partial, run_key, step, elapsed, model, optimizer, scheduler)
@@ -251,6 +258,13 @@ def _save_partial(path: Path, run_key: str, step: int, seconds: float, model: nn
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _diverged(what: str, step: int, partial: Path, last_step_saved: int, out: Path, cfg: PretrainConfig) -> None:
+    """Stop a run whose loss or weights are NaN/inf: nothing is written, and the message says what to do."""
+    last = f"the last good state is {partial} (step {last_step_saved})" if partial.exists() else "no state was saved"
+    raise SmatError(f"pre-training diverged ({what} is not finite) at step {step}: stopped, nothing written to "
+                    f"{out}; {last}. Lower lr (now {cfg.lr:g}) or raise warmup_epochs")
 
 
 def _resume(path: Path, run_key: str, model: nn.Module, optimizer: torch.optim.Optimizer,

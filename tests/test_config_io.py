@@ -44,6 +44,21 @@ def test_build_dataclass_coerces_nested_and_rejects_unknown_keys(tmp_path):
         build_dataclass(Outer, {"method": "softmerge"})
 
 
+def test_exponent_literals_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; configs accept the spelling users write."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("inner: {rate: 1e-3}\nscale: [5E-2, 1]\n")
+    config = load_config(Outer, path, ["steps=20", "inner.rate=2e+1"])
+    assert config.inner.rate == 20.0 and config.scale == (0.05, 1.0) and config.steps == 20
+    assert load_config(Outer, path).inner.rate == 1e-3
+    assert apply_overrides({}, ["name=e5", "version=1e"]) == {"name": "e5", "version": "1e"}   # not numbers
+
+
+def test_fixed_length_tuples_reject_other_lengths():
+    with pytest.raises(SmatError, match=r"scale: expected 2 values, got 3"):
+        build_dataclass(Outer, {"scale": [0.1, 0.5, 1.0]})
+
+
 def test_load_config_names_the_file(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("steps: 7\nbogus: 1\n")

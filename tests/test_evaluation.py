@@ -207,6 +207,25 @@ def test_select_lr_writes_scores_and_evaluate_reads_it(toy, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_diverged_finetuning_is_an_error_in_evaluate_and_a_loser_in_select_lr(toy, tmp_path):
+    """Non-finite logits must never become a number in a table (argmax of NaN picks a class: chance)."""
+    model = f"pretrained:{toy.pretrained}"
+    out = tmp_path / "diverged.csv"
+    with pytest.raises(SmatError, match=r"non-finite logits on toy episode\(s\) \[0\].*lr 1e\+30"):
+        evaluate(model, toy.small, toy.store, finetune="full", lr=1e30, limit=1, out=out, device="cpu",
+                 progress=False)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    lr_file = tmp_path / "lr.json"
+    assert select_lr(model, toy.small, toy.store, finetune="full", grid=[1e30, 0.0], n_episodes=1, out=lr_file,
+                     device="cpu", progress=False) == 0.0
+    record = read_json(lr_file)
+    assert record["scores"]["1e+30"] is None and record["best_lr"] == 0.0
+    with pytest.raises(SmatError, match="diverged .* at every learning rate"):
+        select_lr(model, toy.small, toy.store, finetune="full", grid=[1e30], n_episodes=1,
+                  out=tmp_path / "never.json", device="cpu", progress=False)
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_bad_inputs_are_clear_errors_and_write_nothing(toy, tmp_path):
     out = tmp_path / "bad.csv"
     model = f"pretrained:{toy.pretrained}"

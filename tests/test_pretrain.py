@@ -132,10 +132,31 @@ def test_refuses_stores_without_train_classes_and_bad_settings(tmp_path, stores)
         pretrain([id_store], out, config=None, overrides=TINY + ["low_res_size=32"], device="cpu")
     with pytest.raises(SmatError, match="low_res_epochs 3: expected 0..epochs"):
         pretrain([id_store], out, config=None, overrides=TINY + ["low_res_epochs=3"], device="cpu")
+    for bad, message in (("lr=-0.1", "lr=-0.1: must be > 0"), ("seed=-2", "seed=-2: must be an integer"),
+                         ("label_smoothing=1.5", r"label_smoothing=1.5: must be in \[0, 1\]")):
+        with pytest.raises(SmatError, match=message):
+            pretrain([id_store], out, config=None, overrides=TINY + [bad], device="cpu")
     with pytest.raises(SmatError, match="unknown key.*epoch"):
         pretrain([id_store], out, config=None, overrides=["epoch=3"], device="cpu")
     assert not out.exists()
     assert main(["pretrain", "--store", str(ood_store), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("lr", ["10.0", "1e30"])
+def test_a_diverging_run_stops_and_writes_no_backbone(tmp_path, stores, lr):
+    out = tmp_path / "diverged.pt"
+    with pytest.raises(SmatError, match=r"pre-training diverged \(.* is not finite\) at step \d+: stopped, nothing "
+                                        r"written"):
+        pretrain([stores[0]], out, config=None, overrides=TINY + [f"lr={lr}", "grad_clip=0"], device="cpu")
+    assert not out.exists()
+
+
+def test_a_backbone_checkpoint_with_nan_weights_is_refused(tmp_path, pretrained):
+    record = torch.load(pretrained, weights_only=True)
+    record["state_dict"]["norm.weight"][0] = float("nan")
+    torch.save(record, tmp_path / "nan.pt")
+    with pytest.raises(SmatError, match="tensor norm.weight holds NaN or infinity"):
+        load_pretrained(tmp_path / "nan.pt")
 
 
 def test_shipped_configs_load_and_embedded_is_the_default():

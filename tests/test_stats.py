@@ -53,6 +53,7 @@ def test_paired_difference_removes_shared_episode_variance():
 def test_best_lr_takes_the_first_of_ties_and_needs_strictly_greater():
     assert best_lr([0.0, 1e-4, 1e-3], [50.0, 50.0, 49.0]) == 0.0
     assert best_lr([0.0, 1e-4, 1e-3], [50.0, 51.0, 51.0]) == 1e-4
+    assert best_lr([0.0, 1e-4, 1e-3], [None, 20.0, None]) == 1e-4          # None: diverged, never chosen
 
 
 def _rows(label, dataset, accuracies, sizes=None):

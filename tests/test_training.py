@@ -251,6 +251,15 @@ def test_baselines_and_dense_ablation_train_through_the_same_loop(data, override
     assert load_model(str(out / "best.pt"), "cpu").method == config.method
 
 
+def test_a_model_checkpoint_with_nan_weights_is_refused(finished_run, tmp_path):
+    record = torch.load(finished_run / "last.pt", weights_only=True)
+    name = next(k for k, v in record["state_dict"].items() if v.is_floating_point())
+    record["state_dict"][name].view(-1)[0] = float("inf")
+    torch.save(record, tmp_path / "inf.pt")
+    with pytest.raises(SmatError, match=f"tensor {name} holds NaN or infinity"):
+        load_model(str(tmp_path / "inf.pt"), "cpu")
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(data):
     out = data["root"] / "run_nan"
     with pytest.raises(SmatError, match="non-finite loss"):
@@ -269,7 +278,12 @@ def test_store_without_train_classes_is_rejected(data):
 
 
 @pytest.mark.parametrize("override, message", [("method=maml", "method"), ("switches.foo=true", "unknown key"),
-                                               ("tau=1.5", "tau"), ("experts=0", "experts")])
+                                               ("tau=1.5", "tau"), ("experts=0", "experts"),
+                                               ("optim.delta_lr=-1e-3", r"optim: delta_lr=-0.001: must be > 0"),
+                                               ("optim.mask_lr=.inf", "mask_lr=inf: must be > 0"),
+                                               ("seed=-1", r"seed=-1: must be an integer in \[0, "),
+                                               ("crop_scale=[0.5]", "expected 2 values"),
+                                               ("teacher.kd_weight=1.5", r"kd_weight=1.5: must be in \[0, 1\]")])
 def test_bad_overrides_are_clear_errors(data, override, message):
     with pytest.raises(SmatError, match=message):
         train(CI_CONFIG, data["stores"], data["pretrained"], data["root"] / "bad", overrides=[override], device="cpu")

@@ -261,6 +261,17 @@ def test_invalid_config_fails_before_any_job_naming_the_problem(tmp_path, change
     assert not (tmp_path / "work" / "resources").exists() and not (tmp_path / "work" / "logs").exists()
 
 
+def test_exponent_literals_in_a_workflow_config_are_numbers(tmp_path):
+    """`1e-3` as users write it (PyYAML's YAML 1.1 would make it a string the schema rejects)."""
+    text = CI_CONFIG.read_text().replace("lr_grid: [0, 0.001]", "lr_grid: [0, 1e-3]")
+    assert "1e-3" in text
+    path = tmp_path / "exponent.yaml"
+    path.write_text(text)
+    dry = snakemake(tmp_path / "work", "-n", "-p", "all_tables", "--configfile", str(path), timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "--grid 0 0.001" in dry.stdout
+
+
 def test_paper_dag_builds_without_data_and_lists_what_is_missing(tmp_path):
     paper = ["--configfile", str(ROOT / "config" / "paper.yaml")]
     dry = snakemake(tmp_path, "-n", "all_tables", *paper, timeout=300)

@@ -61,8 +61,11 @@ def _chunked(features, x: Tensor) -> Tensor:
 
 def _score(model, support_f: Tensor, support_y: Tensor, query_f: Tensor, query_y: Tensor,
            n_way: int) -> tuple[float, float]:
+    """(accuracy %, loss) of the query set; both NaN when a logit is not finite (argmax would pick a class)."""
     with torch.inference_mode():
         logits = model.head_logits(support_f, support_y, query_f, n_way)
+        if not torch.isfinite(logits).all():
+            return math.nan, math.nan
         loss = F.cross_entropy(logits, query_y).item()
         accuracy = 100.0 * (logits.argmax(-1) == query_y).float().mean().item()
     return accuracy, loss
@@ -313,6 +316,10 @@ def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info:
                                       "config_hash")},
         "dataset": store.domain, "finetune": finetune, "lr": lr, "smat_version": smat.__version__,
     }
+    if diverged := [r["episode"] for r in results if math.isnan(r["accuracy"])]:
+        raise SmatError(f"{model_spec}: non-finite logits on {store.domain} episode(s) {diverged[:5]} "
+                        f"(finetune {finetune}, lr {lr:g}); nothing was written. Fine-tuning diverged: use a "
+                        f"smaller lr (or the one `smat select-lr` chose)")
     rows = [{**fixed, **result} for result in results]
     summary = write_results(rows, run.out, extra={
         "model": model_spec,

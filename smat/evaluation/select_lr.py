@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
 
 
-def best_lr(grid: Sequence[float], scores: Sequence[float]) -> float:
-    """The lr with the highest score: strictly greater wins, so the first lr of a tie is kept (METHOD §3.5)."""
-    best, best_score = grid[0], scores[0]
-    for lr, score in zip(grid[1:], scores[1:]):
-        if score > best_score:
+def best_lr(grid: Sequence[float], scores: Sequence[float | None]) -> float:
+    """The lr with the highest score: strictly greater wins, so the first lr of a tie is kept (METHOD §3.5).
+    A score of None (fine-tuning diverged) never wins."""
+    best, best_score = None, -math.inf
+    for lr, score in zip(grid, scores):
+        if score is not None and score > best_score:
             best, best_score = lr, score
+    if best is None:
+        raise SmatError(f"--grid {list(grid)}: fine-tuning diverged (non-finite logits) at every learning rate; "
+                        "add smaller ones, or 0 (no fine-tuning)")
     return best
 
 
@@ -52,7 +56,8 @@ def select_lr(model_spec: str, episodes_path: Path, store_path: Path, finetune: 
               device: str = "auto", progress: bool = True) -> float:
     """Fine-tune on the first `n_episodes` episodes with every lr of `grid`; write LR.json, return the best lr.
 
-    LR.json: {"dataset", "finetune", "grid", "scores": {str(lr): mean accuracy %}, "best_lr", "n_episodes",
+    LR.json: {"dataset", "finetune", "grid", "scores": {str(lr): mean accuracy % or null if diverged}, "best_lr",
+    "n_episodes",
     "model_id", "provenance"}. Every lr sees the same episodes with the same seeds, so the scores are paired.
     """
     return select_lr_many(model_spec, [episodes_path], [store_path], [out], finetune, grids=[grid],
@@ -94,8 +99,10 @@ def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model
     for lr in grid:
         results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,
                              progress=progress, desc=f"lr search {name} {domain} {finetune} lr={lr:g}")
-        scores.append(sum(r["accuracy"] for r in results) / len(results))
-        log.info("%s %s %s lr=%g: %.2f%%", name, domain, finetune, lr, scores[-1])
+        accuracy = sum(r["accuracy"] for r in results) / len(results)
+        scores.append(None if math.isnan(accuracy) else accuracy)
+        log.info("%s %s %s lr=%g: %s", name, domain, finetune, lr,
+                 "diverged (non-finite logits)" if scores[-1] is None else f"{accuracy:.2f}%")
     chosen = best_lr(grid, scores)
     write_json(run.out, {
         "dataset": domain,

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from smat.io import SmatError, atomic_path, brief_error, load_torch, load_torch_record, sha256_file
+from smat.io import (SmatError, atomic_path, brief_error, first_nonfinite, load_torch, load_torch_record,
+                     sha256_file)
 from smat.models.backbones import BACKBONES, Backbone, backbone_spec, create_backbone
 from smat.models.dino_keys import convert_to_timm
 from smat.progress import progress_bar
@@ -93,6 +94,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     record = load_torch_record(path, "backbone checkpoint", FORMAT,
                                f"create one with `smat fetch` or `smat pretrain`; convert raw weights with "
                                f"`smat fetch {path} --out NEW.pt`")
+    if bad := first_nonfinite(record.get("state_dict") or {}):
+        raise SmatError(f"{path}: tensor {bad} holds NaN or infinity; the run that wrote it diverged. Recreate "
+                        "it (e.g. `smat pretrain` with a lower lr)")
     if record.get("arch") not in BACKBONES:
         raise SmatError(f"{path}: unknown backbone {record.get('arch')!r}; "
                         f"known backbones: {', '.join(BACKBONES)}")

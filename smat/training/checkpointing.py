@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from smat.config import build_dataclass
-from smat.io import SmatError, atomic_path, load_torch_record, provenance
+from smat.io import SmatError, atomic_path, first_nonfinite, load_torch_record, provenance
 from smat.training.config import TrainConfig
 
 MODEL_FORMAT = "smat-model/1"
@@ -27,8 +27,12 @@ RESUME_FORMAT = "smat-resume/1"
 
 def save_model_checkpoint(path: Path, model: torch.nn.Module, config: dict, backbone: dict,
                           progress: dict) -> None:
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if bad := first_nonfinite(state_dict):
+        raise SmatError(f"{path}: not written: tensor {bad} holds NaN or infinity after task "
+                        f"{progress.get('tasks_seen')}, so training diverged; lower the learning rates (optim.*)")
     record = {"format": MODEL_FORMAT, "method": model.method, "config": config, "backbone": backbone,
-              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "state_dict": state_dict,
               "progress": progress, "provenance": _plain(provenance())}
     with atomic_path(path) as tmp:
         torch.save(record, tmp)
@@ -48,6 +52,9 @@ def read_model_checkpoint(path: Path) -> tuple[dict[str, Any], TrainConfig]:
     if record.get("method") not in TRAINED_METHODS:
         raise SmatError(f"{path}: unknown method {record.get('method')!r}; known trained methods: "
                         f"{', '.join(TRAINED_METHODS)}")
+    if bad := first_nonfinite(record.get("state_dict") or {}):
+        raise SmatError(f"{path}: tensor {bad} holds NaN or infinity; the training run diverged. Retrain with "
+                        "lower learning rates (optim.*)")
     config = build_dataclass(TrainConfig, record["config"], where=f"{path}: config")
     return record, config
 

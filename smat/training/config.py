@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from smat.config import check_ranges
 from smat.data.episodes import SamplerConfig
 from smat.methods.registry import TRAINED_METHODS, Switches, resolve_switches
 
@@ -28,6 +29,13 @@ class GateConfig:
     log_alpha_min: float = math.log(0.01)
     log_alpha_max: float = math.log(100.0)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("beta", "init_std"))
+        if not (self.gamma < 0 < 1 < self.zeta):
+            raise ValueError(f"gamma={self.gamma}, zeta={self.zeta}: the stretch needs gamma < 0 and zeta > 1")
+        if not self.log_alpha_min < self.log_alpha_max:
+            raise ValueError(f"log_alpha_min={self.log_alpha_min} must be below log_alpha_max={self.log_alpha_max}")
+
 
 @dataclass
 class RouterConfig:
@@ -41,6 +49,14 @@ class RouterConfig:
     temperature_decay_tasks: float = 4000.0
     logit_l2: float = 1e-4              # weight of mean(logits²)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("heads", "mlp_ratio", "skill_tokens", "temperature_min",
+                                     "temperature_decay_tasks"),
+                     non_negative=("skill_init_std", "logit_l2"))
+        if self.temperature_start < self.temperature_min:
+            raise ValueError(f"temperature_start={self.temperature_start} is below temperature_min="
+                             f"{self.temperature_min}")
+
 
 @dataclass
 class TeacherConfig:
@@ -48,6 +64,9 @@ class TeacherConfig:
     lr: float = 5e-3                    # the teacher's one SGD step on the query CE
     kd_weight: float = 0.25             # loss = (1 - kd_weight) CE + kd_weight (KD_dense + KD_pre) / 2 · T²
     temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("lr", "temperature"), fraction=("kd_weight",))
 
 
 @dataclass
@@ -66,6 +85,14 @@ class OptimConfig:
     pmf_momentum: float = 0.9
     pmf_weight_decay: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("delta_lr", "mask_lr", "lagrangian_lr", "router_lr", "pmf_lr", "mask_clip",
+                                     "router_clip"),
+                     non_negative=("delta_weight_decay", "router_weight_decay", "pmf_weight_decay"))
+        for name in ("delta_momentum", "pmf_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+
 
 @dataclass
 class ScheduleConfig:
@@ -74,17 +101,26 @@ class ScheduleConfig:
     cosine_epochs: int = 50             # HF `num_training_steps`; training may stop before the cosine ends
     epoch0_lr: float | None = 1e-6      # epoch 0: every SGD group at this absolute lr, router lr 0; null: off
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("cosine_epochs", "epoch0_lr"), non_negative=("warmup_epochs",))
+
 
 @dataclass
 class ValidationConfig:
     episodes: int = 120                 # fixed val episodes per domain, sampled once (METHOD §1.11)
     seed: int = 10_000                  # independent of the training seed, so every run is selected alike
 
+    def __post_init__(self) -> None:
+        check_ranges(self, non_negative=("episodes",), seeds=("seed",))
+
 
 @dataclass
 class CheckpointConfig:
     every_tasks: int = 500              # periodic resume point (at a meta-batch boundary); 0 = epoch ends only
     every_seconds: float = 600.0        # ... or after this much wall time, whichever comes first; 0 = off
+
+    def __post_init__(self) -> None:
+        check_ranges(self, non_negative=("every_tasks", "every_seconds"))
 
 
 @dataclass
@@ -93,6 +129,9 @@ class GradAlignmentConfig:
     interval: int = 0                   # every this many tasks; 0 = off
     max_domains: int = 8                # one task from each of up to this many training domains
     merged: bool = False                # also the gradient w.r.t. the merged task weights θ_i
+
+    def __post_init__(self) -> None:
+        check_ranges(self, non_negative=("interval",), positive=("max_domains",))
 
 
 @dataclass
@@ -129,5 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if not 0.0 < self.gates.noise_width <= 0.5:
             raise ValueError(f"gates.noise_width={self.gates.noise_width}: must be in (0, 0.5]")
+        check_ranges(self, positive=("image_size",), non_negative=("inner_lr",), seeds=("seed",))
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale={list(self.crop_scale)}: expected 0 < low <= high <= 1")
         self.switches = resolve_switches(self.method, self.switches, self.experts)
 

@@ -171,11 +171,13 @@ class Trainer:
             with autocast(self.device, self.amp):
                 loss, metrics = self.model.meta_loss(tensors, self.progress["tasks_seen"])
             if not torch.isfinite(loss):
+                resume = self.paths["resume.pt"]
+                last = (f"The last good state is in {resume} and {self.paths['last.pt']}" if resume.exists()
+                        else "No state was saved")
                 raise SmatError(
                     f"non-finite loss ({loss.item()}) at task {self.progress['tasks_seen']} (epoch "
-                    f"{self.progress['epoch']}, domain {self.stores[domain].domain!r}): training stopped. The last "
-                    f"good state is in {self.paths['resume.pt']} and {self.paths['last.pt']}; lower the learning "
-                    "rates (optim.*) or check the data")
+                    f"{self.progress['epoch']}, domain {self.stores[domain].domain!r}): training stopped. {last}; "
+                    "lower the learning rates (optim.*) or check the data")
             self.scaler.scale(loss / self.config.meta_batch).backward()
             self.progress["tasks_seen"] += 1
             self.progress["task_in_epoch"] += 1
