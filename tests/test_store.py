@@ -51,16 +51,61 @@ def test_round_trip_keeps_pixels_and_file_name_order(tmp_path):
     np.testing.assert_array_equal(again.images(2, [4]), store.images(2, [4]))
 
 
-def test_resize_is_pil_bicubic_and_manifest_records_provenance(tmp_path):
-    pixels = make_imagefolder(tmp_path / "raw", {"x": 2, "y": 2}, size=10, square=False)
-    store = convert_imagefolder(tmp_path / "raw", tmp_path / "store", image_size=6)
-    expected = np.asarray(Image.fromarray(pixels["y"][1]).resize((6, 6), Image.Resampling.BICUBIC))
-    np.testing.assert_array_equal(store.images(1, [1])[0], expected)
+def test_resize_keeps_the_aspect_ratio_and_manifest_records_provenance(tmp_path):
+    """Shorter side to N (PIL bicubic), then the centre N×N, as torchvision's Resize(N) + CenterCrop(N)."""
+    pixels = make_imagefolder(tmp_path / "raw", {"x": 2, "y": 2}, size=10, square=False)   # 12 wide, 10 high
+    store = convert_imagefolder(tmp_path / "raw", tmp_path / "store", image_size=5)
+    resized = np.asarray(Image.fromarray(pixels["y"][1]).resize((6, 5), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(store.images(1, [1])[0], resized[:, 0:5])   # round((6 - 5) / 2) = 0
     manifest = read_json(tmp_path / "store" / "manifest.json")
-    assert manifest["format"] == "smat-store/1" and manifest["image_size"] == 6
+    assert manifest["format"] == "smat-store/1" and manifest["image_size"] == 5
     assert manifest["source"] == str((tmp_path / "raw").resolve())
     assert manifest["provenance"]["smat_version"] and manifest["provenance"]["role"] == "ood"
     assert manifest["excluded"] == [] and manifest["skipped_images"] == []
+
+
+def _stored(tmp_path, image: Image.Image, name: str = "img.png", **save) -> np.ndarray:
+    """The pixels `smat data convert` stores for one image file (in a class of its own, twice)."""
+    folder = tmp_path / "raw" / "c"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        image.save(folder / f"{i}_{name}", **save)
+    return convert_imagefolder(tmp_path / "raw", tmp_path / "store").images(0, [0])[0]
+
+
+def test_transparent_strokes_are_composited_onto_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)                  # fully transparent black ...
+    rgba[2:6, 3, 3] = 255                                 # ... with an opaque black stroke
+    rgba[7, 7] = (255, 0, 0, 128)                         # and a half-transparent red pixel
+    pixels = _stored(tmp_path, Image.fromarray(rgba, "RGBA"))
+    assert (pixels[2:6, 3] == 0).all() and (pixels[0, 0] == 255).all()
+    np.testing.assert_array_equal(pixels[7, 7], [255, 127, 127])
+
+
+def test_palette_transparency_and_grey_alpha_are_composited(tmp_path):
+    palette = Image.fromarray(np.array([[0, 1], [1, 1]] * 2, np.uint8).reshape(4, 2).repeat(2, 1), "P")
+    palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pixels = _stored(tmp_path / "p", palette, transparency=0)       # colour 0 is transparent, 1 is blue
+    assert (pixels[pixels.sum(-1) < 765] == [0, 0, 255]).all() and (pixels == 255).all(-1).any()
+    la = Image.fromarray(np.stack([np.zeros((4, 4), np.uint8), np.full((4, 4), 0, np.uint8)], -1), "LA")
+    assert (_stored(tmp_path / "la", la) == 255).all()              # black, but fully transparent
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    grey = np.array([[0, 257 * 64], [257 * 128, 65535]], np.uint16).repeat(2, 0).repeat(2, 1)
+    pixels = _stored(tmp_path, Image.fromarray(grey))
+    np.testing.assert_array_equal(pixels[::2, ::2, 0], [[0, 64], [128, 255]])
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright = np.zeros((6, 6, 3), np.uint8)
+    upright[0, :] = 255                                   # the top row is white
+    image = Image.fromarray(np.rot90(upright, k=1).copy())  # stored rotated 90° counter-clockwise ...
+    exif = Image.Exif()
+    exif[0x0112] = 6                                      # ... with the tag that says "rotate 90° clockwise"
+    pixels = _stored(tmp_path, image, name="img.jpg", exif=exif, quality=100)
+    assert pixels[0].mean() > 200 and pixels[:, 0].mean() < 100 and pixels[-1].mean() < 50
 
 
 def test_splits_file_groups_and_fingerprint(tmp_path):

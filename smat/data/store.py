@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from smat.data.hierarchy import dag_problems
 from smat.io import SmatError, atomic_dir, provenance, read_json, sha256_file, stable_hash, write_json
@@ -332,13 +332,44 @@ def _names(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# Transparent pixels are composited onto white: strokes drawn on a transparent background (the usual
+# PNG of a glyph or sketch) then look as they do on paper, as Omniglot's and QuickDraw's images are.
+BACKGROUND = (255, 255, 255)
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
+    """RGB uint8 pixels of an image file, upright (EXIF orientation), alpha on white, 16-bit scaled to 8;
+    with `image_size`, the shorter side resized to it and the centre cropped (torchvision's Resize +
+    CenterCrop), so that the aspect ratio is kept."""
     with Image.open(path) as image:
         image.load()
-        rgb = image.convert("RGB")
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
     if image_size is not None and rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)  # PIL resize is antialiased
+        rgb = _resize_and_centre_crop(rgb, image_size)
     return np.asarray(rgb)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_GREY:      # convert("RGB") would clip 16-bit values at 255: almost all white
+        grey = np.round(np.asarray(image, dtype=np.float64).clip(0, 65535) / 257).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width <= height:
+        new = (size, max(size, int(size * height / width)))
+    else:
+        new = (max(size, int(size * width / height)), size)
+    image = image.resize(new, Image.Resampling.BICUBIC)    # PIL's resize is antialiased
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def _common_size(src: Path, paths: list[Path]) -> int:
@@ -350,7 +381,7 @@ def _common_size(src: Path, paths: list[Path]) -> int:
         except _DECODE_ERRORS:
             continue
         if width != height:
-            raise SmatError(f"{path}: image is {width}x{height}, not square; pass --image-size N to resize to NxN")
+            raise SmatError(f"{path}: image is {width}x{height}, not square; pass --image-size N to resize the shorter side to N and crop the centre")
         return width
     raise SmatError(f"{src}: no readable image found")
 
@@ -379,7 +410,7 @@ def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, 
                     continue
                 if pixels.shape != (size, size, 3):
                     raise SmatError(f"{file}: image is {pixels.shape[1]}x{pixels.shape[0]} but other images are "
-                                    f"{size}x{size}; pass --image-size N to resize all images to NxN")
+                                    f"{size}x{size}; pass --image-size N to bring every image to NxN (shorter side N, centre crop)")
                 images[row] = pixels
                 row += 1
             if row - start < min_images:
