@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,6 +108,24 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6                                      # ... with the tag that says "rotate 90° clockwise"
     pixels = _stored(tmp_path, image, name="img.jpg", exif=exif, quality=100)
     assert pixels[0].mean() > 200 and pixels[:, 0].mean() < 100 and pixels[-1].mean() < 50
+
+
+def test_a_full_disk_is_a_message_and_leaves_nothing(tmp_path):
+    """A file-size limit stands in for a full disk: without the up-front allocation the memory-mapped writes
+    would die of SIGBUS (or SIGXFSZ) with no message and leave a hidden partial folder."""
+    make_imagefolder(tmp_path / "raw", {"a": 40, "b": 40}, size=64)       # 983 kB of pixels
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "from smat.cli import main\n"
+        f"sys.exit(main(['data', 'convert', 'imagefolder', {str(tmp_path / 'raw')!r}, '--out', "
+        f"{str(tmp_path / 'store')!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "not enough disk space for the store (1.0 MB of images: File too large)" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "store").exists() and leftovers(tmp_path, "store") == []
 
 
 def test_splits_file_groups_and_fingerprint(tmp_path):

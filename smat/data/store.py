@@ -10,7 +10,9 @@ faster too; reading it needs nothing but numpy.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import struct
 import zlib
@@ -139,6 +141,8 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
     if not kept:
         raise SmatError(f"{src}: no class has at least min_images = {min_images} images")
     size = image_size or _common_size(src, [path for *_, paths in kept for path in paths])
+    n_images = sum(len(paths) for *_, paths in kept)
+    log.info("%s: %d images at %d px: %s in %s", src, n_images, size, _size_text(n_images * size * size * 3), out)
 
     with atomic_dir(out) as tmp:
         classes, skipped, too_few = _write_images(tmp / "images.npy", src, kept, size, image_size is not None,
@@ -386,6 +390,32 @@ def _common_size(src: Path, paths: list[Path]) -> int:
     raise SmatError(f"{src}: no readable image found")
 
 
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _create_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """The memory-mapped images.npy with its blocks allocated now: a disk that fills up during the writes
+    would otherwise kill the process with SIGBUS, which no handler can turn into a message."""
+    try:
+        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+            except OSError as err:       # file systems without fallocate: the writes go as before
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            raise SmatError(f"{path.parent.parent}: not enough disk space for the store ({_size_text(math.prod(shape))} "
+                            f"of images: {err.strerror}); free space or choose another --out") from None
+        raise
+    return images
+
+
 def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, list[Path]]], size: int,
                   resize: bool, skip_bad: bool, min_images: int) -> tuple[list[ClassInfo], list[dict], list[dict]]:
     """Decode the classes `kept` = [(name, split, group, files)] into rows of `path`, class after class.
@@ -393,7 +423,7 @@ def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, 
     Returns the classes written, the skipped images, and the classes excluded because too few images remained.
     """
     n_max = sum(len(paths) for *_, paths in kept)
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_max, size, size, 3))
+    images = _create_images(path, (n_max, size, size, 3))
     classes, skipped, excluded, row = [], [], [], 0
     with progress_bar(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar:
         for name, split, group, paths in kept:
