@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from smat.evaluation.compare import compare, compare_files
-from smat.evaluation.results import EVAL_COLUMNS, read_results, summary_path, write_results
+from smat.evaluation.results import EVAL_COLUMNS, read_results, read_summary, summary_path, write_results
 from smat.evaluation.select_lr import best_lr
 from smat.evaluation.stats import paired_difference, summarize
-from smat.io import SmatError
+from smat.io import SmatError, sha256_file
 
 
 def test_ci95_is_196_unbiased_std_over_sqrt_n():
@@ -79,6 +81,20 @@ def test_write_and_read_results_round_trip(tmp_path):
     assert rows[0]["mls"] == "false" and rows[0]["tau"] == "" and rows[0]["alpha"] == ""
     assert summary["mean"] == pytest.approx(70.0) and summary["n"] == 3
     assert summary_path(out).is_file() and summary["provenance"] == {"x": 1}
+
+
+def test_concurrent_writers_leave_a_matching_pair_and_a_mismatch_is_detected(tmp_path):
+    out = tmp_path / "eval" / "same.csv"
+    runs = [_rows(label, "textures", [float(i), 50.0]) for i, label in enumerate(["A", "B"] * 8)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda rows: write_results(rows, out, extra={}), runs))
+    summary = read_summary(out)
+    assert summary["csv_sha256"] == sha256_file(out)
+    assert [r["label"] for r in read_results(out)] == [summary["label"]] * 2
+    write_results(_rows("C", "textures", [1.0, 2.0]), tmp_path / "other.csv", extra={})
+    shutil.copy(tmp_path / "other.csv", out)                 # a CSV without its own summary
+    with pytest.raises(SmatError, match="summarises another version of"):
+        read_summary(out)
 
 
 def test_compare_files_pairs_shared_episodes(tmp_path):

@@ -6,12 +6,14 @@ The column list is the contract of docs/ARCHITECTURE.md; tables, figures and `sm
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from smat.evaluation.stats import summarize
-from smat.io import SmatError, atomic_open, read_json, write_json
+from smat.io import SmatError, atomic_open, folder_lock, read_json, sha256_file, write_json
 
 FINETUNE_MODES = ("none", "full", "lora")   # without, full and LoRA test-time fine-tuning (METHOD §3.5)
 EVAL_COLUMNS = (
@@ -29,9 +31,12 @@ def summary_path(csv_path: Path) -> Path:
 
 
 def write_results(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the CSV and its JSON summary (mean, ci95, n, seconds per episode, plus `extra`); return the summary.
+    """Write the CSV and its JSON summary (mean, ci95, n, seconds per episode, the CSV's sha256, plus `extra`);
+    return the summary.
 
-    Each file is written atomically, the JSON first: a complete CSV always has its summary next to it.
+    Each file is written atomically, the JSON first, both under a lock on their folder: a complete CSV always
+    has its own summary next to it, also when two commands write the same output at once (`read_summary`
+    checks the pair by the sha256).
     """
     if not rows:
         raise SmatError(f"{out}: no episodes were evaluated, nothing to write")
@@ -48,12 +53,17 @@ def write_results(rows: list[dict[str, Any]], out: Path, extra: dict[str, Any]) 
         "seconds_per_episode": sum(row["seconds"] for row in rows) / len(rows),
         **extra,
     }
-    write_json(summary_path(out), summary)
-    with atomic_open(out, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=EVAL_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _csv_value(row[key]) for key in EVAL_COLUMNS})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=EVAL_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(row[key]) for key in EVAL_COLUMNS})
+    data = text.getvalue().encode("utf-8")
+    summary["csv_sha256"] = hashlib.sha256(data).hexdigest()
+    with folder_lock(Path(out).parent):
+        write_json(summary_path(out), summary)
+        with atomic_open(out, "wb") as handle:
+            handle.write(data)
     return summary
 
 
@@ -91,6 +101,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def read_summary(csv_path: Path) -> dict[str, Any] | None:
-    """The JSON summary next to a result CSV, or None if it is absent."""
+    """The JSON summary next to a result CSV, or None if it is absent; an error if it describes another CSV."""
     path = summary_path(csv_path)
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    summary = read_json(path)
+    expected = summary.get("csv_sha256") if isinstance(summary, dict) else None
+    if expected and Path(csv_path).is_file() and sha256_file(csv_path) != expected:
+        raise SmatError(f"{path}: summarises another version of {csv_path} (sha256 differs); re-run "
+                        "`smat evaluate` for this output")
+    return summary
