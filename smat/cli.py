@@ -52,6 +52,18 @@ def _fetch(args: argparse.Namespace) -> None:
     fetch(args.source, Path(args.out), sha256=args.sha256, arch=args.arch)
 
 
+def _import(args: argparse.Namespace) -> None:
+    from smat.models.official import import_pmf, import_smat_official
+
+    sizes = {"arch": args.arch, "heads": args.heads, "image_size": args.image_size}
+    if args.import_format == "smat-official":
+        import_smat_official(Path(args.checkpoint), Path(args.out), **sizes,
+                             router_extra=Path(args.router_extra) if args.router_extra else None,
+                             allow_missing_router=args.allow_missing_router)
+    else:
+        import_pmf(Path(args.checkpoint), Path(args.out), **sizes)
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from smat.pretrain import pretrain
 
@@ -170,6 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", required=True)
     fetch.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file")
     fetch.add_argument("--arch", default=None, help="backbone name (needed for URLs and local files)")
+
+    imported = argparse.ArgumentParser(add_help=False)
+    imported.add_argument("checkpoint", help="the authors' released checkpoint file")
+    imported.add_argument("--out", required=True, help="model checkpoint to write (replaced atomically)")
+    imported.add_argument("--arch", default=None, help="registered backbone whose attention heads to use "
+                          "(default: the one with the checkpoint's sizes)")
+    imported.add_argument("--heads", type=int, default=None, help="attention heads, for sizes no backbone has")
+    imported.add_argument("--image-size", type=int, default=None,
+                          help="input size of evaluation (default: the size of the checkpoint's position grid)")
+    import_ = commands.add_parser("import", help="convert the authors' SMAT or PMF checkpoint into a model checkpoint")
+    import_.set_defaults(func=_import)
+    import_commands = import_.add_subparsers(dest="import_format", required=True)
+    smat_official = import_commands.add_parser("smat-official", parents=[imported],
+                                               help="checkpoint.pt of the official SMAT code (METHOD §10)")
+    smat_official.add_argument("--router-extra", default=None,
+                               help="torch file with the router keys and skill tokens the checkpoint lacks")
+    smat_official.add_argument("--allow-missing-router", action="store_true",
+                               help="without them, use random stand-ins (a different model than the release)")
+    import_commands.add_parser("pmf", parents=[imported], help="checkpoint.pth / best.pth of PMF's main.py")
 
     pretrain = commands.add_parser("pretrain", parents=[device, overrides],
                                    help="pre-train the tiny ViT on the train classes of its corpus")

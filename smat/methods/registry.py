@@ -128,12 +128,15 @@ def load_model(spec: str, device: "torch.device | str") -> "FewShotModel":
 
 
 def load_trained(path: Path, device: "torch.device | str") -> "tuple[FewShotModel, dict]":
-    """(model in eval mode on `device`, checkpoint record) of a `smat train` checkpoint, read once."""
+    """(model in eval mode on `device`, checkpoint record) of a `smat train` or `smat import` checkpoint, read once.
+
+    Imported checkpoints describe their architecture in `backbone.spec` (smat.models.official)."""
     from smat.models.backbones import create_backbone
     from smat.training.checkpointing import read_model_checkpoint
 
     checkpoint, config = read_model_checkpoint(path)
-    backbone = create_backbone(checkpoint["backbone"]["arch"], checkpoint["backbone"]["image_size"])
+    record = checkpoint["backbone"]
+    backbone = create_backbone(record["arch"], record["image_size"], spec=record.get("spec"))
     model = build_model(config, backbone)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

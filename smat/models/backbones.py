@@ -4,6 +4,11 @@
 default input size, and where its pre-trained weights come from. `create_backbone(name)` builds one with
 random weights; `smat.models.checkpoint.load_pretrained` fills it from a normalised checkpoint.
 
+Checkpoints imported from the authors' code (`smat.models.official`) carry their own architecture `spec`
+instead (`create_backbone(name, image_size, spec=...)`): the sizes, the LayerNorm eps of the code that
+trained them, and a position table kept at its trained grid and resampled on every forward the authors'
+way (METHOD §10).
+
 Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.attn.qkv.*`, ...)
 under the `vit.` attribute, so `backbone.named_parameters()` yields `vit.<timm name>`; the meta-tuning code
 passes such a dict to `torch.func.functional_call(backbone, weights, (x,))`.
@@ -11,10 +16,14 @@ passes such a dict to `torch.func.functional_call(backbone, weights, (x,))`.
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from smat.io import SmatError
@@ -91,14 +100,17 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate: float = 0.0,
-                    dynamic_img_size: bool = False) -> Backbone:
+                    dynamic_img_size: bool = False, spec: dict[str, Any] | None = None) -> Backbone:
     """Build backbone `name` with random weights for `image_size`-pixel inputs (default: the registry's).
 
     `patch_drop_rate` > 0 keeps a random subset of the patch tokens in training mode only (timm's
     PatchDropout): a pre-training speed-up that adds no parameters; evaluation always sees every token.
     `dynamic_img_size` accepts inputs of other sizes by resampling the position embeddings on the fly
     (progressive-resizing pre-training); the parameters are the same as without it.
+    `spec` (an imported checkpoint's architecture, see `ARCH_SPEC_KEYS`) replaces the registry entry.
     """
+    if spec is not None:
+        return _create_from_spec(name, spec, image_size)
     spec = backbone_spec(name)
     image_size = image_size or spec["image_size"]
     if image_size % spec["patch_size"]:
@@ -108,3 +120,57 @@ def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate
                             img_size=image_size, patch_drop_rate=patch_drop_rate,
                             dynamic_img_size=dynamic_img_size, **_NO_DROPOUT, **spec["kwargs"])
     return Backbone(name, vit, image_size)
+
+
+# The architecture record of an imported checkpoint (smat.models.official): sizes, the position grid the
+# table was trained at, the LayerNorm eps of the authors' code, and how the table meets other input sizes.
+ARCH_SPEC_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "grid", "norm_eps", "pos_embed")
+POS_EMBED_PER_FORWARD = "resampled per forward, bicubic, scale factor (n + 0.1) / grid"
+
+
+def _create_from_spec(name: str, spec: dict[str, Any], image_size: int | None) -> Backbone:
+    missing = [key for key in ARCH_SPEC_KEYS if key not in spec]
+    if missing:
+        raise SmatError(f"backbone {name}: architecture spec {spec!r} lacks {', '.join(missing)}; re-import the "
+                        f"checkpoint with `smat import`")
+    if spec["pos_embed"] != POS_EMBED_PER_FORWARD:
+        raise SmatError(f"backbone {name}: pos_embed rule {spec['pos_embed']!r} is not the one implemented "
+                        f"({POS_EMBED_PER_FORWARD!r}); re-import the checkpoint with `smat import`")
+    patch, native = spec["patch_size"], spec["grid"] * spec["patch_size"]
+    image_size = image_size or native
+    if image_size % patch:
+        raise SmatError(f"backbone {name}: image size {image_size} is not a multiple of the patch size {patch}")
+    vit = AuthorsPosEmbedViT(img_size=native, patch_size=patch, embed_dim=spec["embed_dim"], depth=spec["depth"],
+                             num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], num_classes=0,
+                             global_pool="token", dynamic_img_size=True,
+                             norm_layer=partial(nn.LayerNorm, eps=spec["norm_eps"]), **_NO_DROPOUT)
+    return Backbone(name, vit, image_size)
+
+
+class AuthorsPosEmbedViT(VisionTransformer):
+    """timm ViT whose position table stays at its trained grid and is resampled on every forward.
+
+    Inside `functional_call(backbone, weights, ...)` `self.pos_embed` is the task's merged tensor, so SMAT's
+    θ_pre + mask ⊙ δ is resampled as a whole, as in the authors' code (METHOD §10).
+    """
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:             # x: (B, H, W, C) patch tokens
+        b, h, w, c = x.shape
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+        return self.pos_drop(tokens + resample_pos_embed_by_scale(self.pos_embed, h, w))
+
+
+def resample_pos_embed_by_scale(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(1, 1 + N², d) table at an N×N grid -> (1, 1 + rows·cols, d), the way DINO's ViT and transformers
+    4.30.2 do it: bicubic, align_corners=False, scale factor (n + 0.1) / N rather than the target size.
+
+    The scale factor, not the size, sets where the source pixels are sampled, so this differs from a
+    resize to rows × cols (timm's `resample_abs_pos_embed`) by a small shift (METHOD §10).
+    """
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    if (rows, cols) == (side, side):
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
+                         align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
