@@ -26,7 +26,8 @@ ABLATION_ROWS: dict[int, dict[str, Any]] = {
 class Model:
     label: str                              # its name in tables and figures
     method: str
-    settings: dict[str, Any] | None = None  # `smat train --set` values; None: not trained (Pre)
+    settings: dict[str, Any] | None = None  # `smat train --set` values; None: not trained (Pre, released)
+    released: dict[str, Any] | None = None  # an entry of the config's `released`: imported, not trained
 
     def cli_overrides(self) -> str:
         """The settings as `--set key=value` arguments (YAML spelling of booleans)."""
@@ -40,11 +41,12 @@ class ModelSet:
     main: dict[str, list[str]] = field(default_factory=dict)   # method -> ids of its Table 1 model, per seed
     sweep: list[str] = field(default_factory=list)             # every SMAT id of the τ/|M| grid (main included)
     ablations: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)          # the authors' checkpoints, imported
 
     @property
     def table1(self) -> list[str]:
-        """Table 1 columns in the paper's order (the registry's)."""
-        return [model_id for method in METHODS for model_id in self.main.get(method, [])]
+        """Table 1 columns in the paper's order (the registry's), then the released models."""
+        return [model_id for method in METHODS for model_id in self.main.get(method, [])] + self.released
 
     @property
     def table2(self) -> list[str]:
@@ -62,8 +64,13 @@ class ModelSet:
         return main, [model_id for model_id in self.sweep if model_id.endswith(suffix)]
 
 
-def model_set(models: dict[str, Any], seeds: Sequence[int]) -> ModelSet:
-    """The models of a workflow config's `models` section (smat, softmerge, sweep, ablation_rows) for `seeds`."""
+# What each `smat import` format holds (smat.models.official).
+RELEASED_METHODS = {"smat-official": "smat", "pmf": "pmf"}
+
+
+def model_set(models: dict[str, Any], seeds: Sequence[int], released: dict[str, Any] | None = None) -> ModelSet:
+    """The models of a workflow config's `models` section (smat, softmerge, sweep, ablation_rows) for `seeds`,
+    plus the imported checkpoints of its `released` section (ids released/NAME)."""
     main_smat = models["smat"]
     sweep = models.get("sweep") or {"tau": [], "experts": []}
     points = [(float(main_smat["tau"]), int(main_smat["experts"]))]
@@ -105,4 +112,8 @@ def model_set(models: dict[str, Any], seeds: Sequence[int]) -> ModelSet:
                         **ABLATION_ROWS[row]}
             result.ablations.append(add(f"ablation/row~{row}/seed~{seed}", Model(f"Row {row}", "smat", settings),
                                         seed))
+    for name, entry in (released or {}).items():
+        model_id = f"released/{name}"
+        result.models[model_id] = Model(entry["label"], RELEASED_METHODS[entry["format"]], released=entry)
+        result.released.append(model_id)
     return result

@@ -5,6 +5,7 @@ tests/test_snakefmt.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -16,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from smat.config import load_config
+from smat.methods.registry import load_model
 from smat.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +262,53 @@ def test_invalid_config_fails_before_any_job_naming_the_problem(tmp_path, change
     assert result.returncode != 0
     assert "Error validating config file" in result.stderr and named in result.stderr
     assert not (tmp_path / "work" / "resources").exists() and not (tmp_path / "work" / "logs").exists()
+
+
+def test_released_checkpoints_are_imported_and_join_table1(tmp_path):
+    """config `released`: each file is imported by one rule and evaluated as an extra Table 1 column."""
+    from test_import import official_smat_files
+
+    from smat.models.backbones import create_backbone
+
+    smat_file, extra, _, _ = official_smat_files(tmp_path)
+    # PMF's container around a backbone of the CI's size (a registered one, as a real release's is).
+    vit = create_backbone(read_ci_config()["backbone"]["arch"]).vit
+    pmf_file = tmp_path / "pmf.pth"
+    torch.save({"model": {"bias": torch.tensor([-0.1]), "scale_cls": torch.tensor([9.0]),
+                          **{f"backbone.{n}": p.detach() for n, p in vit.named_parameters()}},
+                "args": argparse.Namespace(epochs=100), "epoch": 99}, pmf_file)
+    config = read_ci_config()
+    config["released"] = {
+        "smat-release": {"format": "smat-official", "checkpoint": str(smat_file), "router_extra": str(extra),
+                         "label": "SMAT (released)", "image_size": 32},
+        "pmf-release": {"format": "pmf", "checkpoint": str(pmf_file), "label": "PMF (released)"},
+    }
+    path = tmp_path / "released.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    dry = snakemake(workdir, "-n", "-p", "all_tables", "--configfile", str(path), timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"smat import smat-official --router-extra {extra} --image-size 32 {smat_file}" in dry.stdout
+    assert "results/eval/released/pmf-release/latin-greek/none.csv" in dry.stdout
+    assert "--label 'SMAT (released)'" in dry.stdout
+    # The import rule for real; evaluating an imported model is tests/test_import.py's business.
+    target = "results/models/released/pmf-release/best.pt"
+    real = snakemake(workdir, "--cores", "1", target, "--configfile", str(path), timeout=300)
+    assert real.returncode == 0, real.stderr[-3000:]
+    model = load_model(str(workdir / target), "cpu")
+    assert model.method == "pmf" and model.head.scale.item() == 9.0
+
+    config["released"]["pmf-release"]["router_extra"] = str(extra)
+    path.write_text(yaml.safe_dump(config))
+    bad = snakemake(tmp_path / "bad", "-n", "all_tables", "--configfile", str(path), timeout=300)
+    assert bad.returncode != 0 and "released.pmf-release is format pmf: router_extra" in bad.stdout + bad.stderr
+
+    # The shipped example merged into the paper config: the missing download is named with its source.
+    paper = ["--configfile", str(ROOT / "config" / "paper.yaml"), str(ROOT / "config" / "released.yaml")]
+    dry = snakemake(tmp_path / "paper", "-n", "all_tables", *paper, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "best.pth not found; download the release from the Hugging Face model hushell/pmf_metadataset_dino" in \
+        dry.stdout + dry.stderr
 
 
 def test_exponent_literals_in_a_workflow_config_are_numbers(tmp_path):

@@ -53,6 +53,12 @@ def check_config():
             f"config: dataset(s) {', '.join(unused)} have role pretrain but backbone.pretrain.datasets does "
             "not list them; list them there or give them role id or ood"
         )
+    for name, entry in config["released"].items():
+        if entry["format"] != "smat-official" and (entry["router_extra"] or entry["allow_missing_router"]):
+            raise WorkflowError(
+                f"config: released.{name} is format {entry['format']}: router_extra and allow_missing_router "
+                "are for smat-official checkpoints only; remove them"
+            )
     uses_md = [n for n, d in DATASETS.items() if "meta_dataset" in d["source"]]
     if uses_md and not config["paths"]["meta_dataset"]:
         raise WorkflowError(
@@ -161,11 +167,12 @@ PRETRAINED = f"resources/pretrained/{BACKBONE}.pt"
 # model id is also its path under results/models/ and results/eval/.
 
 SEEDS = config["training"]["seeds"]
-MODEL_SET = model_set(config["models"], SEEDS)
+MODEL_SET = model_set(config["models"], SEEDS, config["released"])
 MODELS = MODEL_SET.models  # model id -> smat.experiment.Model: label, method, training settings (None: Pre)
 TABLE1_IDS = MODEL_SET.table1
 TABLE2_IDS = MODEL_SET.table2
 TRAINED_IDS = MODEL_SET.trained
+RELEASED_IDS = MODEL_SET.released  # imported by `smat import` (train.smk: import_released)
 # Figures show the first seed: the main models and every SMAT point of the sweep.
 FIGURE_IDS, FIGURE_SWEEP_IDS = MODEL_SET.figure_models(SEEDS[0])
 
@@ -190,8 +197,50 @@ def expert_masks(model_id):
 
 def trained(model_id):
     """What a reader of a model waits for: DONE for a meta-tuned model (best.pt and train_log.jsonl are
-    written during training and are not declared outputs, see train.smk), the backbone for Pre."""
-    return PRETRAINED if model_id == "pre" else done_marker(model_id)
+    written during training and are not declared outputs, see train.smk), the backbone for Pre, the imported
+    checkpoint for a released model."""
+    if model_id == "pre":
+        return PRETRAINED
+    return checkpoint(model_id) if model_id in RELEASED_IDS else done_marker(model_id)
+
+
+RELEASED_SOURCES = {
+    "smat-official": "the Hugging Face collection szcjerry/meta-tuned-smat-vits (checkpoint.pt)",
+    "pmf": "the Hugging Face model hushell/pmf_metadataset_dino, or PMF's README links (best.pth / checkpoint.pth)",
+}
+
+
+def released_inputs(wildcards):
+    """Inputs of `import_released`: the file (and the router tensors, if given). A missing file explains where
+    the release is published instead of failing as a bare missing input."""
+    entry = MODELS[f"released/{wildcards.name}"].released
+    inputs = {"checkpoint": project_path(entry["checkpoint"])}
+    if entry["router_extra"]:
+        inputs["router_extra"] = project_path(entry["router_extra"])
+    missing = [path for path in inputs.values() if not Path(path).is_file()]
+    if missing:
+        message = (
+            f"config released.{wildcards.name}: {', '.join(map(os.path.abspath, missing))} not found; download the "
+            f"release from {RELEASED_SOURCES[entry['format']]} and set its path, or remove the entry"
+        )
+        if not workflow.dryrun:
+            raise WorkflowError(message)
+        logger.warning(message)
+        return {}
+    return inputs
+
+
+def released_import_args(name):
+    """`smat import FORMAT [options]` for config `released.NAME`."""
+    entry = MODELS[f"released/{name}"].released
+    args = [entry["format"]]
+    if entry["router_extra"]:
+        args.append(f"--router-extra {shlex.quote(project_path(entry['router_extra']))}")
+    if entry["allow_missing_router"]:
+        args.append("--allow-missing-router")
+    if entry["image_size"]:
+        args.append(f"--image-size {entry['image_size']}")
+    return " ".join(args)
 
 
 def model_spec(model_id):

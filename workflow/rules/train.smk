@@ -38,3 +38,27 @@ rule meta_tune:
     shell:
         "smat train --config {input.config} --store {params.stores} --pretrained {input.pretrained} "
         "--out {params.out} {params.overrides} --device {params.device} > {log} 2>&1"
+
+
+# The authors' released checkpoints (config `released`), converted by `smat import` into model checkpoints
+# that the evaluation rules take like trained ones: extra Table 1 columns, no training (METHOD §10).
+rule import_released:
+    input:
+        unpack(released_inputs),
+    output:
+        "results/models/released/{name}/best.pt",
+    log:
+        "logs/import_released/{name}.log",
+    wildcard_constraints:
+        name="[^/]+",
+    conda:
+        "../../envs/smat.yaml"
+    threads: 1
+    resources:
+        runtime=per_attempt(10),
+        mem_mb=per_attempt(8000),
+    params:
+        options=lambda wildcards: released_import_args(wildcards.name),
+        checkpoint=lambda wildcards, input: input.get("checkpoint", ""),
+    shell:
+        "smat import {params.options} {params.checkpoint} --out {output} > {log} 2>&1"
