@@ -7,12 +7,17 @@ are imported only when their command runs, so `smat --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
 from smat import __version__
-from smat.io import SmatError
+from smat.io import SmatError, check_writable
+
+# Arguments naming files or folders a command writes: checked writable before any work starts.
+_OUTPUT_ARGS = ("out", "out_dir", "out_prefix", "weights_out")
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -132,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smat", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"smat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also with the environment variable SMAT_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     device = argparse.ArgumentParser(add_help=False)
@@ -271,18 +278,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure is one line on stderr, `smat: error: ...` (exit 2 for input, disk and
+    library errors, 1 for anything unforeseen); `--debug` or SMAT_DEBUG=1 shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    debug = args.debug or os.environ.get("SMAT_DEBUG", "") not in ("", "0")
     try:
+        for name in _OUTPUT_ARGS:
+            for path in _as_list(getattr(args, name, None)):
+                check_writable(Path(path))
         args.func(args)
-    except SmatError as err:
-        print(f"smat: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("smat: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001  (the one place that turns every failure into a message)
+        if debug:
+            raise
+        print(f"smat: error: {describe_error(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (SmatError, OSError, RuntimeError, ValueError, MemoryError)) else 1
     return 0
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+    errno.EACCES: "permission denied: choose a path you may write, or fix its permissions",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def describe_error(err: Exception) -> str:
+    """One line for any exception: ours as they are, OS errors with the file and what to do, others by type."""
+    if isinstance(err, SmatError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:
+        where = err.filename or "a file"
+        return f"{where}: {_OS_HINTS[err.errno]} ({err.strerror})"
+    if isinstance(err, OSError):
+        return f"{err.filename or 'a file'}: {err.strerror or err}"
+    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+        return (f"out of memory ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use "
+                "smaller episodes or batches, or a machine with more memory")
+    text = str(err).strip().splitlines()
+    detail = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    if isinstance(err, (RuntimeError, ValueError)):
+        return f"{detail} (run with --debug for the traceback)"
+    return f"unexpected {detail}; please report it with the output of the same command with --debug"
 
 
 if __name__ == "__main__":

@@ -93,6 +93,20 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         os.close(fd)          # closing releases the lock
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """SmatError unless `path` (a file or folder to be written, which need not exist yet) can be created:
+    checked before a command starts its work, so that hours of it are not lost to a read-only --out."""
+    path = Path(path)
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SmatError(f"{path}: {parent} is not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SmatError(f"{path}: cannot write in {parent} (permission denied or read-only); choose another "
+                        "output path")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     with atomic_open(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=indent, sort_keys=False, default=_json_default)

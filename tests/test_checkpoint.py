@@ -207,6 +207,9 @@ def test_errors_are_clear_and_leave_nothing(tmp_path, weights_file):
         fetch(str(path), out, arch="vit_huge")
     with pytest.raises(SmatError, match="no such file"):
         fetch(str(tmp_path / "missing.pth"), out)
+    # A relative path with a slash is not tried as a hub name (30 s of retries offline, then a hub error).
+    with pytest.raises(SmatError, match=r"weights/dino\.pth: no such file \(from .*\); check the path"):
+        fetch("weights/dino.pth", out)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(SmatError, match="not a readable PyTorch weights file"):

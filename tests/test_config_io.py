@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import subprocess
 import sys
 from typing import Literal
 
 import pytest
 
-from smat.cli import main
+from smat.cli import describe_error, main
 from smat.config import apply_overrides, build_dataclass, load_config
 from smat.io import SmatError, atomic_open, read_json, stable_hash, write_json
 
@@ -89,6 +91,51 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "smat: error:" in err and "missing" in err and "Traceback" not in err
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = main(["data", "build-embedded", "--out", str(blocker / "raw")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"smat: error: {blocker / 'raw'}: {blocker} is not a folder; choose another output path"
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_a_read_only_output_folder_fails_before_the_work(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["data", "build-embedded", "--out", str(folder / "raw")]) == 2
+        assert "cannot write in" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("err, expected", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/x.npy"),
+     "/data/x.npy: the disk is full: free space or write elsewhere (No space left on device)"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), "/ro/x: the file system is read-only"),
+    (RuntimeError("size mismatch for weight\nlong torch detail"), "RuntimeError: size mismatch for weight (run "
+                                                                   "with --debug for the traceback)"),
+    (KeyError("oops"), "unexpected KeyError: 'oops'; please report it"),
+])
+def test_every_failure_is_described_in_one_line(err, expected):
+    text = describe_error(err)
+    assert expected in text and "\n" not in text
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = [sys.executable, "-m", "smat.cli", "data", "check", str(tmp_path / "missing")]
+    plain = subprocess.run(args, capture_output=True, text=True)
+    debug = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "SMAT_DEBUG": "1"})
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    flag = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True)
+    assert "Traceback" in flag.stderr
 
 
 def test_console_script_help():

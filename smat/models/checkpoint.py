@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 FORMAT = "smat-backbone/1"
 _HUB_NAME = re.compile(r"^(hf-hub:)?[\w.-]+/[\w.-]+$")
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl")
 
 
 def fetch(source: str, out: Path, sha256: str | None = None, arch: str | None = None) -> None:
@@ -147,6 +148,9 @@ def _obtain(source: str, tmp: Path, arch: str | None) -> Path:
         if not Path(source).is_file():
             raise SmatError(f"{source}: is a directory; pass the weights file inside it")
         return Path(source)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix in _WEIGHT_SUFFIXES
+    if looks_local:        # e.g. weights/dino.pth: a mistyped path, not a hub repository to try for 30 s
+        raise SmatError(f"{source}: no such file (from {Path.cwd()}); check the path")
     if _HUB_NAME.match(source):
         return _hub_download(source.removeprefix("hf-hub:"), arch)
     raise SmatError(f"{source}: no such file, and not a URL or a hub name like 'timm/vit_small_patch16_224.dino'")
