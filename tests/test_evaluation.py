@@ -205,6 +205,11 @@ def test_select_lr_writes_scores_and_evaluate_reads_it(toy, tmp_path):
         evaluate(f"pretrained:{toy.pretrained}", toy.episodes, toy.store, finetune="lora", lr_from=lr_file,
                  out=tmp_path / "x.csv", device="cpu", progress=False)
     assert not (tmp_path / "x.csv").exists()
+    other_model = build_pretrained(tmp_path / "other.pt", seed=1)            # ... and the model it was chosen for
+    with pytest.raises(SmatError, match=r"selected for model pre-[0-9a-f]{12}, not for this model"):
+        evaluate(f"pretrained:{other_model}", toy.small, toy.store, finetune="full", lr_from=lr_file,
+                 out=tmp_path / "y.csv", device="cpu", progress=False)
+    assert not (tmp_path / "y.csv").exists()
 
 
 def test_diverged_finetuning_is_an_error_in_evaluate_and_a_loser_in_select_lr(toy, tmp_path):

@@ -18,14 +18,15 @@ from smat.io import SmatError
 ON, OFF = (True, True, True, True), (False, False, False, False)
 
 
-def write_eval(path, label, method, accuracies, finetune="none", switches=ON, tau=None, experts=None):
+def write_eval(path, label, method, accuracies, finetune="none", switches=ON, tau=None, experts=None,
+               episodes_sha256=None):
     """An eval CSV written by `smat evaluate`'s writer; `accuracies[dataset]` = per-episode accuracies (%)."""
     rows = [dict(zip(("mls", "meta", "dt", "ie"), switches), label=label, model_id=f"{method}/{label}",
                  method=method, tau=tau, experts=experts, dataset=dataset, finetune=finetune, episode=episode,
                  ways=5, support_size=25, query_size=50, accuracy=accuracy, loss=0.7, lr=0.0, seconds=0.01,
                  alpha=None, config_hash="cafe", smat_version="0.1.0")
             for dataset, values in accuracies.items() for episode, accuracy in enumerate(values)]
-    write_results(rows, path, extra={})
+    write_results(rows, path, extra={"provenance": {"episodes_sha256": episodes_sha256}} if episodes_sha256 else {})
     return path
 
 
@@ -207,9 +208,12 @@ def test_reference_table_reproduces_the_published_numbers(tmp_path):
     ("unknown_dataset", "no results for dataset\\(s\\) typo"),
     ("duplicate", "label 'SMAT', dataset 'a', finetune 'none' appears in more than one file"),
     ("no_datasets", "pass the dataset names with --id-datasets"),
+    ("other_episodes", r"pmf\.csv: dataset 'a' was evaluated on other episodes than .*smat\.csv \(episode files "
+                       r"bbbbbbbbbbbb vs aaaaaaaaaaaa\)"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case, message):
-    good = write_eval(tmp_path / "smat.csv", "SMAT", "smat", {"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    good = write_eval(tmp_path / "smat.csv", "SMAT", "smat", {"a": [1.0, 2.0], "b": [3.0, 4.0]},
+                      episodes_sha256="a" * 64)
     inputs, id_sets = [good], ["a"]
     if case == "no_inputs":
         inputs = []
@@ -222,6 +226,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case, message):
         inputs = [good, write_eval(tmp_path / "again.csv", "SMAT", "smat", {"a": [5.0, 6.0]})]
     elif case == "no_datasets":
         id_sets = []
+    elif case == "other_episodes":
+        inputs = [good, write_eval(tmp_path / "pmf.csv", "PMF", "pmf", {"a": [5.0, 6.0]}, switches=OFF,
+                                   episodes_sha256="b" * 64)]
     out = tmp_path / "out"
     with pytest.raises(SmatError, match=message):
         make_table("table1", inputs, id_datasets=id_sets, ood_datasets=[], out_dir=out)

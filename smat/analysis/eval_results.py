@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from smat.evaluation.results import FINETUNE_MODES, read_results
+from smat.evaluation.results import FINETUNE_MODES, read_results, read_summary
 from smat.evaluation.stats import summarize
 from smat.io import SmatError
 from smat.methods.registry import SWITCH_NAMES
@@ -35,6 +35,7 @@ def read_eval_csvs(paths: Sequence[Path]) -> pd.DataFrame:
     if not paths:
         raise SmatError("no eval CSV files given: pass the per-episode CSVs written by `smat evaluate`")
     results = pd.concat([_read_one(Path(path)) for path in paths], ignore_index=True)
+    _check_same_episodes([Path(p) for p in paths], results)
 
     owners = results.groupby(["label", "dataset", "finetune"])["source"].unique()
     clashes = owners[owners.map(len) > 1]
@@ -52,6 +53,24 @@ def read_eval_csvs(paths: Sequence[Path]) -> pd.DataFrame:
             f"finetune {row['finetune']!r} appears more than once; re-run `smat evaluate` for this file"
         )
     return results
+
+
+def _check_same_episodes(paths: list[Path], results: pd.DataFrame) -> None:
+    """Every file of one dataset scored the same frozen episode file (by the sha256 its summary records), so
+    that the columns of a table are paired comparisons; files without a summary are not checked."""
+    seen: dict[str, tuple[str, Path]] = {}
+    datasets = results.groupby("source")["dataset"].first()
+    for path in paths:
+        summary = read_summary(path)
+        sha = ((summary or {}).get("provenance") or {}).get("episodes_sha256")
+        if not sha:
+            continue
+        dataset = datasets[str(path)]
+        first = seen.setdefault(dataset, (sha, path))
+        if first[0] != sha:
+            raise SmatError(f"{path}: dataset {dataset!r} was evaluated on other episodes than {first[1]} "
+                            f"(episode files {sha[:12]} vs {first[0][:12]}); evaluate every model on the same "
+                            "episode file")
 
 
 def _read_one(path: Path) -> pd.DataFrame:

@@ -195,8 +195,10 @@ def load_model_with_info(model_spec: str, device: torch.device):
     return model, info
 
 
-def resolve_lr(finetune: str, lr: float | None, lr_from: Path | None, dataset: str) -> float:
-    """The fine-tuning lr: --lr, or best_lr of a `smat select-lr` file for this dataset and mode; 0 for none."""
+def resolve_lr(finetune: str, lr: float | None, lr_from: Path | None, dataset: str,
+               model_sha256: str | None = None) -> float:
+    """The fine-tuning lr: --lr, or best_lr of a `smat select-lr` file for this dataset, mode and model (by its
+    sha256, when given); 0 for none."""
     if lr is not None and lr_from is not None:
         raise SmatError("give either --lr or --lr-from, not both")
     if finetune == "none":
@@ -212,6 +214,10 @@ def resolve_lr(finetune: str, lr: float | None, lr_from: Path | None, dataset: s
             if record.get(key) != expected:
                 raise SmatError(f"{lr_from}: {key} is {record.get(key)!r} but this evaluation is on {key} "
                                 f"{expected!r}; use the lr file selected for it")
+        chosen_for = str(record.get("model_id", "")).rpartition("-")[2]
+        if model_sha256 and chosen_for and chosen_for != model_sha256[:len(chosen_for)]:
+            raise SmatError(f"{lr_from}: selected for model {record.get('model_id')}, not for this model "
+                            f"(sha256 {model_sha256[:12]}); run `smat select-lr` for it")
         lr = record.get("best_lr")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)):
             raise SmatError(f"{lr_from}: best_lr {lr!r} is not a number")
@@ -296,7 +302,8 @@ def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: 
     model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
     runs = read_datasets(episodes_paths, store_paths, outs, limit)
-    lrs = [resolve_lr(finetune, lr, Path(lr_froms[i]) if lr_froms else None, run.store.domain)
+    model_sha = sha256_file(model_file(model_spec)) if lr_froms else None
+    lrs = [resolve_lr(finetune, lr, Path(lr_froms[i]) if lr_froms else None, run.store.domain, model_sha)
            for i, run in enumerate(runs)]
     model, info = load_model_with_info(model_spec, torch_device)
     runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
