@@ -16,6 +16,15 @@ from pathlib import Path
 from smat import __version__
 from smat.io import SmatError, check_writable
 
+# `smat data convert` formats of classic datasets, as their publishers distribute them (smat/data/classic.py).
+CLASSIC_FORMATS = {
+    "cifar": "CIFAR-10/100 python pickle batches",
+    "mnist": "MNIST idx files",
+    "food101": "Food-101 (images/ + meta/test.txt)",
+    "pets": "Oxford-IIIT Pets (images/ + annotations/test.txt)",
+    "cars": "Stanford Cars (cars_test/ + devkit .mat annotations)",
+}
+
 # Arguments naming files or folders a command writes: checked writable before any work starts.
 _OUTPUT_ARGS = ("out", "out_dir", "out_prefix", "weights_out")
 
@@ -25,6 +34,16 @@ def _data(args: argparse.Namespace) -> None:
         from smat.data.embedded import build_embedded
 
         build_embedded(Path(args.out), size=args.size, seed=args.seed)
+    elif args.data_command == "convert" and args.format in ("tfrecords", "pmf-h5"):
+        from smat.data.meta_dataset import convert_meta_dataset
+
+        convert_meta_dataset(Path(args.src), Path(args.out), args.format, image_size=args.image_size,
+                             domain=args.domain, skip_bad=args.skip_bad)
+    elif args.data_command == "convert" and args.format in CLASSIC_FORMATS:
+        from smat.data.classic import convert_classic
+
+        convert_classic(args.format, Path(args.src), Path(args.out), image_size=args.image_size,
+                        splits=args.splits, role=args.role, domain=args.domain, seed=args.seed)
     elif args.data_command == "convert":
         from smat.data.store import convert_imagefolder
 
@@ -34,12 +53,16 @@ def _data(args: argparse.Namespace) -> None:
             min_images=args.min_images,
         )
     elif args.data_command == "check":
-        from smat.data.store import check_store
+        from smat.data.store import Store, check_store
 
         problems = check_store(Path(args.store))
+        if args.spec and not problems:
+            from smat.data.meta_dataset import spec_problems
+
+            problems = spec_problems(Store(Path(args.store)), Path(args.spec))
         if problems:
             raise SmatError(f"{args.store}: store check failed:\n  " + "\n  ".join(problems))
-        print(f"{args.store}: OK")
+        print(f"{args.store}: OK" + (f" (matches {args.spec})" if args.spec else ""))
 
 
 def _episodes(args: argparse.Namespace) -> None:
@@ -88,7 +111,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     evaluate_many(args.model, _paths(args.episodes), _paths(args.store), _paths(args.out), finetune=args.finetune,
                   lr=args.lr, lr_froms=_paths(args.lr_from) if args.lr_from else None, label=args.label,
-                  limit=args.limit, device=args.device)
+                  limit=args.limit, device=args.device, image_sizes=_image_sizes(args.image_size))
 
 
 def _select_lr(args: argparse.Namespace) -> None:
@@ -96,7 +119,17 @@ def _select_lr(args: argparse.Namespace) -> None:
 
     select_lr_many(args.model, _paths(args.episodes), _paths(args.store), _paths(args.out), args.finetune,
                    grids=[_grid(g) for g in args.grid] if args.grid else [None],
-                   n_episodes=args.n_episodes, device=args.device)
+                   n_episodes=args.n_episodes, device=args.device, image_sizes=_image_sizes(args.image_size))
+
+
+def _image_sizes(values: list[str] | None) -> list[int | None]:
+    """`--image-size 224` or per dataset `--image-size model 224 ...` ("model": the model's own size)."""
+    if not values:
+        return [None]
+    try:
+        return [None if v == "model" else int(v) for v in values]
+    except ValueError:
+        raise SmatError(f"--image-size {' '.join(values)}: expected pixel counts or 'model'") from None
 
 
 def _paths(values: list[str]) -> list[Path]:
@@ -155,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--size", choices=["default", "ci"], default="default")
     build.add_argument("--seed", type=int, default=0)
     convert = data_commands.add_parser("convert", help="convert raw data into a dataset store")
-    convert.add_argument("format", choices=["imagefolder"])
-    convert.add_argument("src", help="folder with one sub-folder of images per class")
+    convert.add_argument("format", choices=["imagefolder", "tfrecords", "pmf-h5", *CLASSIC_FORMATS],
+                         help="imagefolder: one sub-folder of images per class; tfrecords / pmf-h5: a Meta-Dataset "
+                         "domain (class files + dataset_spec.json); " + "; ".join(
+                             f"{name}: {text}" for name, text in CLASSIC_FORMATS.items()))
+    convert.add_argument("src", help="the dataset's folder, as downloaded (README: 'Running the paper configuration')")
     convert.add_argument("--out", required=True)
-    convert.add_argument("--image-size", type=int, default=None, help="resize to N×N (default: keep, must agree)")
+    convert.add_argument("--image-size", type=int, default=None,
+                         help="store at N×N: shorter side to N, centre crop (default: keep; all must agree)")
     convert.add_argument("--splits", default=None,
                          help="JSON with train/val/test class lists and optional groups (default: SRC/splits.json)")
     convert.add_argument("--role", choices=["id", "ood"], default="ood",
@@ -169,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--min-images", type=int, default=2, help="exclude classes with fewer images")
     check = data_commands.add_parser("check", help="verify a dataset store")
     check.add_argument("store")
+    check.add_argument("--spec", default=None,
+                       help="a Meta-Dataset dataset_spec.json the store must match (classes per split, images)")
 
     episodes = commands.add_parser("episodes", help="freeze evaluation episodes")
     episodes.set_defaults(func=_episodes)
@@ -231,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     per_dataset.add_argument("--episodes", nargs="+", required=True, help="frozen episode file per dataset")
     per_dataset.add_argument("--store", nargs="+", required=True, help="store of each episode file")
     per_dataset.add_argument("--out", nargs="+", required=True, help="output file per dataset")
+    per_dataset.add_argument("--image-size", nargs="+", default=None, metavar="N",
+                             help="evaluation input size, once or per dataset ('model': the model's own; the "
+                             "position table is resampled on the fly)")
 
     evaluate = commands.add_parser("evaluate", parents=[device, per_dataset],
                                    help="evaluate a model on frozen episodes of one or more datasets")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from smat.data.episodes import load_episode_file, sample_to_file
 from smat.data.store import Store, convert_imagefolder
-from smat.evaluation.evaluate import EpisodeRunner, evaluate
+from smat.evaluation.evaluate import EpisodeRunner, evaluate, evaluate_many
 from smat.evaluation.results import EVAL_COLUMNS
 from smat.evaluation.select_lr import select_lr
 from smat.config import to_dict
@@ -229,6 +229,27 @@ def test_diverged_finetuning_is_an_error_in_evaluate_and_a_loser_in_select_lr(to
         select_lr(model, toy.small, toy.store, finetune="full", grid=[1e30], n_episodes=1,
                   out=tmp_path / "never.json", device="cpu", progress=False)
     assert not (tmp_path / "never.json").exists()
+
+
+def test_one_checkpoint_evaluates_at_its_size_and_at_another(toy, tmp_path):
+    """A 224-px set and a 128-px set in the paper; here 32 px (the model's) and 48 px, in one call."""
+    model = build_smat()
+    checkpoint = tmp_path / "best.pt"
+    save_model_checkpoint(checkpoint, model, to_dict(model.config), {"arch": ARCH, "image_size": 32,
+                                                                     "pretrained_sha256": "0" * 64},
+                          {"tasks_seen": 0})
+    native, large = tmp_path / "native.csv", tmp_path / "large.csv"
+    evaluate_many(str(checkpoint), [toy.small, toy.small], [toy.store, toy.store], [native, large],
+                  image_sizes=[None, 48], device="cpu", progress=False)
+    assert read_json(native.with_suffix(".json"))["provenance"]["image_size"] == 32
+    assert read_json(large.with_suffix(".json"))["provenance"]["image_size"] == 48
+    alone = tmp_path / "alone.csv"
+    evaluate(str(checkpoint), toy.small, toy.store, out=alone, device="cpu", progress=False)
+    assert without_timing(read_csv(native)) == without_timing(read_csv(alone))    # same outputs at 32 px
+    assert [r["accuracy"] for r in read_csv(large)] != [] and len(read_csv(large)) == len(read_csv(native))
+    with pytest.raises(SmatError, match="--image-size 50 for toy: not a multiple of the backbone's 4-px patches"):
+        evaluate_many(str(checkpoint), [toy.small], [toy.store], [tmp_path / "x.csv"], image_sizes=[50],
+                      device="cpu", progress=False)
 
 
 def test_bad_inputs_are_clear_errors_and_write_nothing(toy, tmp_path):

@@ -122,8 +122,6 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
         raise SmatError(f"--image-size {image_size}: must be a positive number of pixels")
     if not src.is_dir():
         raise SmatError(f"{src}: source folder not found")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SmatError(f"{out}: already exists; remove it to convert again")
     files = _class_folders(src)
     splits_file = Path(splits) if splits else src / "splits.json" if (src / "splits.json").is_file() else None
     if splits_file:
@@ -134,39 +132,63 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
     hierarchy = "groups" if groups else "dag" if dag else "flat"
 
     ordered = sorted(files, key=lambda name: (SPLITS.index(split_of[name]), name))
-    excluded = [_exclude(name, f"{len(files[name])} images < min_images {min_images}")
-                for name in ordered if len(files[name]) < min_images]
-    kept = [(name, split_of[name], groups[name] if groups else None, files[name])
-            for name in ordered if len(files[name]) >= min_images]
+    classes = [SourceClass(name, split_of[name], groups[name] if groups else None, files[name]) for name in ordered]
+    return write_store(out, classes, domain=domain, source=src, image_size=image_size, hierarchy=hierarchy, dag=dag,
+                       min_images=min_images, skip_bad=skip_bad,
+                       details={"command": "data convert imagefolder", "role": role, "seed": seed,
+                                "splits_file": str(splits_file) if splits_file else None})
+
+
+@dataclass
+class SourceClass:
+    """One class of a dataset being converted, with its images in store order: image files, or readers with
+    `open() -> PIL.Image` whose str() names the image in messages (an h5 group, a TFRecord record, ...)."""
+    name: str
+    split: str
+    group: str | None
+    images: Sequence[Any]
+
+
+def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domain: str, source: Path,
+                image_size: int | None, hierarchy: str = "flat", dag: dict | None = None, min_images: int = 2,
+                skip_bad: bool = False, details: dict[str, Any] | None = None) -> Store:
+    """Decode `classes` into a store at `out` (built aside, then renamed into place); the one writer of the
+    store format, whatever the source format. Classes with fewer than `min_images` (readable) images are
+    left out and listed in the manifest; `details` go into its provenance."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SmatError(f"{out}: already exists; remove it to convert again")
+    excluded = [_exclude(c.name, f"{len(c.images)} images < min_images {min_images}")
+                for c in classes if len(c.images) < min_images]
+    kept = [c for c in classes if len(c.images) >= min_images]
     if not kept:
-        raise SmatError(f"{src}: no class has at least min_images = {min_images} images")
-    size = image_size or _common_size(src, [path for *_, paths in kept for path in paths])
-    n_images = sum(len(paths) for *_, paths in kept)
-    log.info("%s: %d images at %d px: %s in %s", src, n_images, size, _size_text(n_images * size * size * 3), out)
+        raise SmatError(f"{source}: no class has at least min_images = {min_images} images")
+    size = image_size or _common_size(source, [item for c in kept for item in c.images])
+    n_images = sum(len(c.images) for c in kept)
+    log.info("%s: %d images at %d px: %s in %s", source, n_images, size, _size_text(n_images * size * size * 3),
+             out)
 
     with atomic_dir(out) as tmp:
-        classes, skipped, too_few = _write_images(tmp / "images.npy", src, kept, size, image_size is not None,
+        written, skipped, too_few = _write_images(tmp / "images.npy", source, kept, size, image_size is not None,
                                                   skip_bad, min_images)
         excluded += too_few
-        if not classes:
-            raise SmatError(f"{src}: no class has at least min_images = {min_images} readable images")
+        if not written:
+            raise SmatError(f"{source}: no class has at least min_images = {min_images} readable images")
         if skipped:
             names = ", ".join(s["file"] for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
-            log.warning("%s: skipped %d unreadable image(s): %s", src, len(skipped), names)
+            log.warning("%s: skipped %d unreadable image(s): %s", source, len(skipped), names)
         manifest = {
             "format": FORMAT, "domain": domain, "image_size": size, "hierarchy": hierarchy,
-            "classes": [asdict(c) for c in classes],
+            "classes": [asdict(c) for c in written],
             "dag": dag,
             "excluded": excluded, "skipped_images": skipped,
             "images_sha256": sha256_file(tmp / "images.npy"),
-            "source": str(src.resolve()),
-            "provenance": provenance(command="data convert imagefolder", role=role, seed=seed,
-                                     splits_file=str(splits_file) if splits_file else None,
-                                     min_images=min_images, skip_bad=skip_bad),
+            "source": str(Path(source).resolve()),
+            "provenance": provenance(**(details or {}), min_images=min_images, skip_bad=skip_bad),
         }
         write_json(tmp / "manifest.json", manifest)
-    n_images = sum(c.n_images for c in classes)
-    log.info("%s: %d classes, %d images of %dx%d px -> %s", domain, len(classes), n_images, size, size, out)
+    n_images = sum(c.n_images for c in written)
+    log.info("%s: %d classes, %d images of %dx%d px -> %s", domain, len(written), n_images, size, size, out)
     return Store(out)
 
 
@@ -342,11 +364,16 @@ BACKGROUND = (255, 255, 255)
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _decode(path: Path, image_size: int | None) -> np.ndarray:
-    """RGB uint8 pixels of an image file, upright (EXIF orientation), alpha on white, 16-bit scaled to 8;
+def _open(item: Any) -> Image.Image:
+    """A source image: a file, or a reader of another format (SourceClass)."""
+    return Image.open(item) if isinstance(item, Path) else item.open()
+
+
+def _decode(item: Any, image_size: int | None) -> np.ndarray:
+    """RGB uint8 pixels of an image, upright (EXIF orientation), alpha on white, 16-bit scaled to 8;
     with `image_size`, the shorter side resized to it and the centre cropped (torchvision's Resize +
     CenterCrop), so that the aspect ratio is kept."""
-    with Image.open(path) as image:
+    with _open(item) as image:
         image.load()
         rgb = _to_rgb(ImageOps.exif_transpose(image))
     if image_size is not None and rgb.size != (image_size, image_size):
@@ -376,11 +403,11 @@ def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _common_size(src: Path, paths: list[Path]) -> int:
+def _common_size(src: Path, items: list[Any]) -> int:
     """The side length shared by all images when they are kept at their size (each is checked when written)."""
-    for path in paths:
+    for path in items:
         try:
-            with Image.open(path) as image:
+            with _open(path) as image:
                 width, height = image.size
         except _DECODE_ERRORS:
             continue
@@ -392,6 +419,12 @@ def _common_size(src: Path, paths: list[Path]) -> int:
 
 def _size_text(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _item_name(item: Any, src: Path) -> str:
+    if isinstance(item, Path):
+        return str(item.relative_to(src)) if item.is_relative_to(src) else str(item)
+    return str(item)
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -416,19 +449,19 @@ def _create_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return images
 
 
-def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, list[Path]]], size: int,
-                  resize: bool, skip_bad: bool, min_images: int) -> tuple[list[ClassInfo], list[dict], list[dict]]:
-    """Decode the classes `kept` = [(name, split, group, files)] into rows of `path`, class after class.
+def _write_images(path: Path, src: Path, kept: list[SourceClass], size: int, resize: bool, skip_bad: bool,
+                  min_images: int) -> tuple[list[ClassInfo], list[dict], list[dict]]:
+    """Decode the classes `kept` into rows of `path`, class after class.
 
     Returns the classes written, the skipped images, and the classes excluded because too few images remained.
     """
-    n_max = sum(len(paths) for *_, paths in kept)
+    n_max = sum(len(c.images) for c in kept)
     images = _create_images(path, (n_max, size, size, 3))
     classes, skipped, excluded, row = [], [], [], 0
     with progress_bar(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar:
-        for name, split, group, paths in kept:
+        for name, split, group, items in ((c.name, c.split, c.group, c.images) for c in kept):
             start = row
-            for file in paths:
+            for file in items:
                 bar.update()
                 try:
                     pixels = _decode(file, size if resize else None)
@@ -436,7 +469,7 @@ def _write_images(path: Path, src: Path, kept: list[tuple[str, str, str | None, 
                     if not skip_bad:
                         raise SmatError(f"{file}: cannot read image ({err}); fix or remove it, or pass --skip-bad"
                                         ) from None
-                    skipped.append({"file": str(file.relative_to(src)), "reason": str(err)})
+                    skipped.append({"file": _item_name(file, src), "reason": str(err)})
                     continue
                 if pixels.shape != (size, size, 3):
                     raise SmatError(f"{file}: image is {pixels.shape[1]}x{pixels.shape[0]} but other images are "

@@ -3,7 +3,7 @@
 They reproduce the PIL/torchvision pipelines of PMF one image at a time, but vectorised over the batch; random
 parameters are drawn per image from an explicit torch.Generator, and the work runs on that generator's device.
 * test (METHOD §3.4): Resize(int(S*256/224)), CenterCrop(S), ToTensor, Normalize(ImageNet);
-* train (METHOD §1.11): RandomResizedCrop(S, scale, ratio 3/4..4/3), ImageJitter (PIL ImageEnhance Brightness,
+* train (METHOD §1.11): RandomResizedCrop(S, scale, ratio 3/4..4/3) of the stored image, ImageJitter (PIL ImageEnhance Brightness,
   Contrast, Color, each factor 1 + 0.4*U(-1, 1), in that order), RandomHorizontalFlip, ToTensor, Normalize.
 Pixel values stay on the 0..255 scale until normalisation, rounded where PIL would produce uint8 images.
 """
@@ -47,9 +47,10 @@ def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.
 
     def transform(images: np.ndarray, generator: torch.Generator | None = None) -> Tensor:
         device = generator.device if generator is not None else torch.device("cpu")
-        # Images stored at another size are brought to the model size first, so that crops never downscale.
-        x = _resize(_to_float(images, device), image_size)
-        boxes = random_resized_crop_boxes(len(x), image_size, image_size, crop_scale, CROP_RATIO, generator)
+        # The crop is taken from the stored image, whatever its size, and resized to the model's (as PMF's
+        # RandomResizedCrop on the decoded image, METHOD §1.11): a 146-px store keeps its detail in the crops.
+        x = _to_float(images, device)
+        boxes = random_resized_crop_boxes(len(x), x.shape[-2], x.shape[-1], crop_scale, CROP_RATIO, generator)
         flip = _uniform((len(x),), generator, device) < 0.5
         factors = 1 + JITTER_STRENGTH * (2 * _uniform((len(x), 3), generator, device) - 1)
         # The jitter acts on whole images and single pixels, so it commutes with the flip, which is done by

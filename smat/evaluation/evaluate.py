@@ -93,10 +93,14 @@ class EpisodeRunner:
 
             self.lora = LoraFinetuner(model.backbone)
 
-    def on_store(self, store) -> "EpisodeRunner":
-        """This runner on another store, sharing the model and the LoRA copy of its backbone (built once)."""
+    def on_store(self, store, image_size: int | None = None) -> "EpisodeRunner":
+        """This runner on another store, at `image_size` px (default: the model's), sharing the model and the
+        LoRA copy of its backbone (built once). The backbone resamples its position table to other sizes."""
+        from smat.data.transforms import test_transform
+
         runner = copy.copy(self)
         runner.store = store
+        runner.transform = test_transform(image_size or self.model.backbone.image_size)
         return runner
 
     def uses_cache(self, lr: float) -> bool:
@@ -246,11 +250,13 @@ class DatasetRun:
     meta: dict
     episodes_path: Path
     out: Path
+    image_size: int | None = None     # evaluation input size; None: the model's
 
 
 def read_datasets(episodes_paths: Sequence, store_paths: Sequence, outs: Sequence,
-                  limit: int | None) -> list[DatasetRun]:
-    """The datasets of `--episodes/--store/--out`, which pair up by position, all read and checked up front."""
+                  limit: int | None, image_sizes: Sequence[int | None] = (None,)) -> list[DatasetRun]:
+    """The datasets of `--episodes/--store/--out` (and `--image-size`, once or per dataset), which pair up by
+    position, all read and checked up front."""
     from smat.data.store import Store
 
     if not len(episodes_paths) == len(store_paths) == len(outs):
@@ -263,12 +269,27 @@ def read_datasets(episodes_paths: Sequence, store_paths: Sequence, outs: Sequenc
         if os.path.abspath(out) in seen:
             raise SmatError(f"--out {out} is given twice: every dataset needs its own output file")
         seen.add(os.path.abspath(out))
+    if len(image_sizes) not in (1, len(outs)):
+        raise SmatError(f"--image-size: given {len(image_sizes)} times for {len(outs)} datasets; give it once or "
+                        "once per dataset, in the same order")
+    if bad := [s for s in image_sizes if s is not None and s < 1]:
+        raise SmatError(f"--image-size {bad[0]}: must be a positive number of pixels (or 'model')")
+    sizes = list(image_sizes) * len(outs) if len(image_sizes) == 1 else list(image_sizes)
     runs = []
-    for episodes_path, store_path, out in zip(episodes_paths, store_paths, outs):
+    for episodes_path, store_path, out, size in zip(episodes_paths, store_paths, outs, sizes):
         store = Store(Path(store_path))
         runs.append(DatasetRun(store, *load_episodes(Path(episodes_path), store, limit), Path(episodes_path),
-                               Path(out)))
+                               Path(out), size))
     return runs
+
+
+def check_image_sizes(model, runs: Sequence[DatasetRun]) -> None:
+    """Every evaluation size is a whole number of the backbone's patches."""
+    patch = model.backbone.vit.patch_embed.patch_size[0]
+    for run in runs:
+        if run.image_size and run.image_size % patch:
+            raise SmatError(f"--image-size {run.image_size} for {run.store.domain}: not a multiple of the "
+                            f"backbone's {patch}-px patches")
 
 
 def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: str = "none",
@@ -287,7 +308,8 @@ def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: s
 def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: Sequence[Path],
                   outs: Sequence[Path], finetune: str = "none", lr: float | None = None,
                   lr_froms: Sequence[Path] | None = None, label: str | None = None, limit: int | None = None,
-                  device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+                  device: str = "auto", progress: bool = True,
+                  image_sizes: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:
     """`evaluate` on each (episodes, store) pair in turn with the model loaded once: pair i writes outs[i]
     exactly as `evaluate` would, with lr_froms[i] as its lr file. Returns the summaries, in the same order.
 
@@ -301,14 +323,15 @@ def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: 
                         f"lr file per dataset, in the same order")
     model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
-    runs = read_datasets(episodes_paths, store_paths, outs, limit)
+    runs = read_datasets(episodes_paths, store_paths, outs, limit, image_sizes)
     model_sha = sha256_file(model_file(model_spec)) if lr_froms else None
     lrs = [resolve_lr(finetune, lr, Path(lr_froms[i]) if lr_froms else None, run.store.domain, model_sha)
            for i, run in enumerate(runs)]
     model, info = load_model_with_info(model_spec, torch_device)
+    check_image_sizes(model, runs)
     runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
-    return [_evaluate_one(runner.on_store(run.store), run, model_spec, info, run_lr, label, progress)
-            for run, run_lr in zip(runs, lrs)]
+    return [_evaluate_one(runner.on_store(run.store, run.image_size), run, model_spec, info, run_lr, label,
+                          progress) for run, run_lr in zip(runs, lrs)]
 
 
 def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info: dict[str, Any], lr: float,
@@ -333,7 +356,8 @@ def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info:
         "episodes_file": str(run.episodes_path),
         "provenance": provenance(
             episodes_sha256=sha256_file(run.episodes_path), model_sha256=info["model_sha256"],
-            store_fingerprint=store.fingerprint, episodes_seed=run.meta.get("seed"), device=str(runner.device)),
+            store_fingerprint=store.fingerprint, episodes_seed=run.meta.get("seed"), device=str(runner.device),
+            image_size=run.image_size or runner.model.backbone.image_size),
     })
     log.info("%s: %s on %s (%s): %.2f ± %s over %d episodes", run.out, fixed["label"], store.domain, finetune,
              summary["mean"], "n/a" if summary["ci95"] is None else f"{summary['ci95']:.2f}", summary["n"])

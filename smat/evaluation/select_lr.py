@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from smat.device import resolve_device
-from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, load_model_with_info, model_file,
-                                      read_datasets)
+from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, check_image_sizes, load_model_with_info,
+                                      model_file, read_datasets)
 from smat.io import SmatError, provenance, sha256_file, write_json
 from smat.methods.registry import display_name
 
@@ -66,7 +66,8 @@ def select_lr(model_spec: str, episodes_path: Path, store_path: Path, finetune: 
 
 def select_lr_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: Sequence[Path],
                    outs: Sequence[Path], finetune: str, grids: Sequence[Sequence[float] | None] = (None,),
-                   n_episodes: int = 5, device: str = "auto", progress: bool = True) -> list[float]:
+                   n_episodes: int = 5, device: str = "auto", progress: bool = True,
+                   image_sizes: Sequence[int | None] = (None,)) -> list[float]:
     """`select_lr` on each (episodes, store) pair in turn with the model loaded once: pair i writes outs[i].
 
     `grids` holds one grid for every dataset, or one per dataset in the same order (None: DEFAULT_GRID).
@@ -84,10 +85,11 @@ def select_lr_many(model_spec: str, episodes_paths: Sequence[Path], store_paths:
         raise SmatError(f"--n-episodes {n_episodes}: must be at least 1")
     model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
-    runs = read_datasets(episodes_paths, store_paths, outs, n_episodes)
+    runs = read_datasets(episodes_paths, store_paths, outs, n_episodes, image_sizes)
     model, info = load_model_with_info(model_spec, torch_device)
+    check_image_sizes(model, runs)
     runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
-    return [_select_one(runner.on_store(run.store), run, grid, model_spec, info, progress)
+    return [_select_one(runner.on_store(run.store, run.image_size), run, grid, model_spec, info, progress)
             for run, grid in zip(runs, grids)]
 
 

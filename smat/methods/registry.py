@@ -136,7 +136,7 @@ def load_trained(path: Path, device: "torch.device | str") -> "tuple[FewShotMode
 
     checkpoint, config = read_model_checkpoint(path)
     record = checkpoint["backbone"]
-    backbone = create_backbone(record["arch"], record["image_size"], spec=record.get("spec"))
+    backbone = create_backbone(record["arch"], record["image_size"], dynamic_img_size=True, spec=record.get("spec"))
     model = build_model(config, backbone)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint

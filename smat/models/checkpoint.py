@@ -111,7 +111,9 @@ def load_pretrained(path: Path, image_size: int | None = None) -> tuple[Backbone
     METHOD §1.1). Returns (backbone, record without the state dict).
     """
     record = read_checkpoint(path)
-    backbone = create_backbone(record["arch"], image_size)
+    # Dynamic size: the same outputs at `image_size`, and other sizes resample the table per forward (for
+    # evaluation at 224 px, METHOD §3.4).
+    backbone = create_backbone(record["arch"], image_size, dynamic_img_size=True)
     state_dict = dict(record["state_dict"])
     target = backbone.vit.pos_embed
     if "pos_embed" in state_dict and state_dict["pos_embed"].shape != target.shape:

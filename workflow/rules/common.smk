@@ -68,21 +68,31 @@ def check_config():
 
 
 def source_folder(name):
-    """The class-per-folder images that `smat data convert imagefolder` reads for dataset `name`."""
-    source = DATASETS[name]["source"]
-    if "embedded" in source:
-        return f"{EMBEDDED_RAW}/{source['embedded']}"
-    if "meta_dataset" in source:
-        return str(Path(config["paths"]["meta_dataset"]) / source["meta_dataset"])
-    return source["imagefolder"]
+    """The folder that `smat data convert` reads for dataset `name`."""
+    ((kind, value),) = DATASETS[name]["source"].items()
+    if kind == "embedded":
+        return f"{EMBEDDED_RAW}/{value}"
+    if kind == "meta_dataset":
+        return str(Path(config["paths"]["meta_dataset"]) / value)
+    return value
+
+
+def source_format(name):
+    """The `smat data convert` format of dataset `name`: its source key (embedded domains are image folders)."""
+    ((kind, _),) = DATASETS[name]["source"].items()
+    if kind == "embedded":
+        return "imagefolder"
+    return config["paths"]["meta_dataset_format"] if kind == "meta_dataset" else kind
 
 
 def missing_sources():
-    """User-provided folders (image folders, Meta-Dataset domains, split files) that do not exist."""
+    """User-provided sources (folders, Meta-Dataset specs, split files) that do not exist."""
     missing = []
     for name, dataset in DATASETS.items():
         if "embedded" not in dataset["source"] and not Path(source_folder(name)).is_dir():
             missing.append((name, source_folder(name)))
+        elif "meta_dataset" in dataset["source"] and not (Path(source_folder(name)) / "dataset_spec.json").is_file():
+            missing.append((name, str(Path(source_folder(name)) / "dataset_spec.json")))
         if dataset["splits"] and not Path(dataset["splits"]).is_file():
             missing.append((name, dataset["splits"]))
     return missing
@@ -92,12 +102,13 @@ def missing_sources_message(missing):
     lines = [f"  {name}: {os.path.abspath(path)}" for name, path in missing]
     return (
         "These dataset sources do not exist:\n" + "\n".join(lines) + "\n"
-        "Produce them before running the workflow (config/README.md, 'Preparing data'):\n"
-        "  * Meta-Dataset domains (source.meta_dataset): one folder per domain under paths.meta_dataset, "
-        "with one sub-folder of images per class and a splits.json; export them from the Meta-Dataset h5 "
-        "files (hushell/meta_dataset_h5) with the recipe in config/README.md.\n"
-        "  * Image folders (source.imagefolder), e.g. DomainNet sketch/clipart, Food-101, Oxford-IIIT Pets, "
-        "Stanford Cars: download the dataset and arrange it as <folder>/<class>/<image>; give a splits file "
+        "Download them before running the workflow (README, 'Running the paper configuration'):\n"
+        "  * Meta-Dataset domains (source.meta_dataset): one folder per domain under paths.meta_dataset with "
+        "its dataset_spec.json and one file per class: PMF's h5 files (hushell/meta_dataset_h5, "
+        "paths.meta_dataset_format: pmf-h5) or the official conversion's TFRecords (tfrecords).\n"
+        "  * cifar, mnist, food101, pets, cars: the dataset's folder as its publisher distributes it.\n"
+        "  * Image folders (source.imagefolder), e.g. DomainNet sketch/clipart: <folder>/<class>/<image>; give a "
+        "splits file "
         "(splits: key) or let role decide the classes.\n"
         "Or remove the dataset from the config's datasets."
     )
@@ -127,11 +138,24 @@ MISSING_REPORTED = []  # the dry-run warning is shown once, not once per dataset
 
 
 def conversion_args(wildcards):
+    """Options of `smat data convert`: size, and the class split of formats without their own (the
+    Meta-Dataset formats take theirs from dataset_spec.json)."""
     dataset = DATASETS[wildcards.dataset]
     args = [f"--image-size {dataset['image_size']}"] if dataset["image_size"] else []
-    if dataset["splits"]:
-        args.append(f"--splits {shlex.quote(dataset['splits'])}")
+    if source_format(wildcards.dataset) not in ("pmf-h5", "tfrecords"):
+        # Without a splits file, a pre-training dataset is split into classes like an ID one.
+        args.append(f"--role {'ood' if dataset['role'] == 'ood' else 'id'}")
+        if dataset["splits"]:
+            args.append(f"--splits {shlex.quote(dataset['splits'])}")
     return " ".join(args)
+
+
+def eval_size_args():
+    """`--image-size` of the evaluation jobs: per dataset when one is evaluated at its own size."""
+    sizes = [DATASETS[dataset]["eval_image_size"] for dataset in EVAL_DATASETS]
+    if not any(sizes):
+        return ""
+    return "--image-size " + " ".join(str(size) if size else "model" for size in sizes)
 
 
 def store(dataset):
@@ -347,6 +371,20 @@ def per_attempt(amount):
 # run uses GPUs; the Slurm executor turns it into --gpus=1, the local profile runs such jobs one at a time.
 GPU = 1 if config["compute"]["gpu"] else 0
 DEVICE = config["compute"]["device"]
+# Meta-tuning may instead run as N data-parallel processes on one node, one GPU each (METHOD §11).
+GPUS_PER_JOB = config["compute"]["gpus_per_job"]
+
+
+def smat_train_command(threads):
+    """`smat train`, or with compute.gpus_per_job = N > 1 the same command as N torchrun processes on one
+    node. They share the job's threads: each would otherwise inherit all of them (Snakemake's OMP_NUM_THREADS)."""
+    if GPUS_PER_JOB == 1:
+        return "smat train"
+    per_process = max(1, threads // GPUS_PER_JOB)
+    return (
+        f"OMP_NUM_THREADS={per_process} torchrun --standalone --nproc-per-node {GPUS_PER_JOB} -m smat.cli train"
+    )
+
 
 # ------------------------------------------------------------------------------------- wildcard constraints
 

@@ -35,11 +35,10 @@ rule convert_dataset:
         runtime=per_attempt(10),
         mem_mb=per_attempt(2000),
     params:
+        format=lambda wildcards: source_format(wildcards.dataset),
         src=lambda wildcards: source_folder(wildcards.dataset),
         out=lambda wildcards, output: os.path.dirname(output.manifest),
-        # Without a splits file, a pre-training dataset is split into classes like an ID one.
-        role=lambda wildcards: "ood" if DATASETS[wildcards.dataset]["role"] == "ood" else "id",
         options=conversion_args,
     shell:
-        "smat data convert imagefolder {params.src:q} --out {params.out} --role {params.role} "
-        "--domain {wildcards.dataset} {params.options} > {log} 2>&1"
+        "smat data convert {params.format} {params.src:q} --out {params.out} --domain {wildcards.dataset} "
+        "{params.options} > {log} 2>&1"

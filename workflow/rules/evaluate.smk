@@ -25,10 +25,11 @@ rule select_lr:
         stores=EVAL_STORES,
         grid=lr_grid_args(),
         n_episodes=config["episodes"]["hps"]["n"],
+        sizes=eval_size_args(),
         device=DEVICE,
     shell:
         "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.stores} "
-        "--finetune {wildcards.finetune} {params.grid} --n-episodes {params.n_episodes} --out {output} "
+        "--finetune {wildcards.finetune} {params.grid} --n-episodes {params.n_episodes} {params.sizes} --out {output} "
         "--device {params.device} > {log} 2>&1"
 
 
@@ -54,7 +55,9 @@ rule evaluate:
         model=lambda wildcards: model_spec(wildcards.model_id),
         stores=EVAL_STORES,
         options=evaluation_args,
+        sizes=eval_size_args(),
         device=DEVICE,
     shell:
         "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.stores} "
-        "--finetune {wildcards.finetune} {params.options} --out {output.csv} --device {params.device} > {log} 2>&1"
+        "--finetune {wildcards.finetune} {params.options} {params.sizes} --out {output.csv} --device {params.device} "
+        "> {log} 2>&1"
