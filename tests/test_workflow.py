@@ -104,14 +104,38 @@ def user_dataset_config(tmp_path_factory) -> Path:
     return extra
 
 
+def released_pmf(path: Path) -> Path:
+    """A file in the layout of PMF's released checkpoint around a backbone of the CI's size (a registered one,
+    as a real release's is), with its learned classifier scale and bias."""
+    from smat.models.backbones import create_backbone
+
+    torch.manual_seed(5)
+    vit = create_backbone(read_ci_config()["backbone"]["arch"]).vit
+    torch.save({"model": {"bias": torch.tensor([-0.1]), "scale_cls": torch.tensor([9.0]),
+                          **{f"backbone.{n}": p.detach() for n, p in vit.named_parameters()}},
+                "args": argparse.Namespace(epochs=100), "epoch": 99}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory, user_dataset_config):
+def released_config(tmp_path_factory) -> Path:
+    """The authors' PMF as an extra Table 1 column (config `released`), as config/released.yaml does it."""
+    base = tmp_path_factory.mktemp("released")
+    path = base / "released.yaml"
+    path.write_text(yaml.safe_dump({"released": {"pmf-release": {
+        "format": "pmf", "checkpoint": str(released_pmf(base / "best.pth")), "label": "PMF (released)"}}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, user_dataset_config, released_config):
     """Run `all_tables` on the CI config (+ the user dataset), kill -9 Snakemake and its jobs while a model
     is being meta-tuned (after its first validation wrote best.pt, which evaluation must not read before
     training finishes), then recover as the README says: the same command refuses to start (stale lock),
     `snakemake --unlock`, then the same command with --rerun-incomplete runs to completion."""
     workdir = tmp_path_factory.mktemp("ci_workflow")
-    args = ["--cores", "2", "all_tables", "--configfile", str(CI_CONFIG), str(user_dataset_config)]
+    args = ["--cores", "2", "all_tables", "table1_released", "--configfile", str(CI_CONFIG), str(user_dataset_config),
+            str(released_config)]
     process = subprocess.Popen(snakemake_command(workdir, *args), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     interrupted = None
@@ -167,6 +191,14 @@ def test_rerun_after_kill_resumes_meta_tuning_and_keeps_results(ci_run):
     assert all(path.stat().st_mtime >= done for path in readers)
 
 
+def test_the_report_bundles_the_tables(ci_run):
+    """`snakemake --report report.html` as the README shows it, on the finished CI run."""
+    result = snakemake(ci_run["workdir"], "--report", "report.html", *ci_run["args"][4:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (ci_run["workdir"] / "report.html").read_text(errors="replace")
+    assert "table1.csv" in html
+
+
 def test_tables_exist_and_parse(ci_run):
     tables = ci_run["workdir"] / "results" / "tables"
     config = read_ci_config()
@@ -175,10 +207,12 @@ def test_tables_exist_and_parse(ci_run):
 
     table1 = pd.read_csv(tables / "table1.csv")
     assert list(dict.fromkeys(table1["row"])) == [*ids, "ID Avg", *oods, "OOD Avg"]
-    expected = {f"{label}{suffix}" for label in ("Pre", "PMF", "SoftMerge", "SMAT")
+    expected = {f"{label}{suffix}" for label in ("Pre", "PMF", "SoftMerge", "SMAT", "PMF (released)")
                 for mode, suffix in (("none", ""), ("full", "+full"), ("lora", "+LoRA"))
                 if mode in config["evaluation"]["finetune"]}
     assert set(table1["column"]) == expected
+    released = pd.read_csv(tables / "released" / "table1.csv")         # the fast path: nothing trained
+    assert set(released["column"]) == {c for c in expected if c.startswith(("Pre", "PMF (released)"))}
     assert table1["mean"].between(0, 100).all() and (table1["n"] > 0).all()
     assert table1["best"].any()
 
@@ -268,15 +302,8 @@ def test_released_checkpoints_are_imported_and_join_table1(tmp_path):
     """config `released`: each file is imported by one rule and evaluated as an extra Table 1 column."""
     from test_import import official_smat_files
 
-    from smat.models.backbones import create_backbone
-
     smat_file, extra, _, _ = official_smat_files(tmp_path)
-    # PMF's container around a backbone of the CI's size (a registered one, as a real release's is).
-    vit = create_backbone(read_ci_config()["backbone"]["arch"]).vit
-    pmf_file = tmp_path / "pmf.pth"
-    torch.save({"model": {"bias": torch.tensor([-0.1]), "scale_cls": torch.tensor([9.0]),
-                          **{f"backbone.{n}": p.detach() for n, p in vit.named_parameters()}},
-                "args": argparse.Namespace(epochs=100), "epoch": 99}, pmf_file)
+    pmf_file = released_pmf(tmp_path / "pmf.pth")
     config = read_ci_config()
     config["released"] = {
         "smat-release": {"format": "smat-official", "checkpoint": str(smat_file), "router_extra": str(extra),
