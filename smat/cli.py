@@ -60,7 +60,9 @@ def _data(args: argparse.Namespace) -> None:
             from smat.data.meta_dataset import spec_problems
 
             problems = spec_problems(Store(Path(args.store)), Path(args.spec))
-        if problems:
+        if len(problems) == 1:
+            raise SmatError(f"{args.store}: store check failed: {problems[0]}")
+        if problems:      # one per line: a damaged store can have many
             raise SmatError(f"{args.store}: store check failed:\n  " + "\n  ".join(problems))
         print(f"{args.store}: OK" + (f" (matches {args.spec})" if args.spec else ""))
 
