@@ -26,8 +26,10 @@ def inputs(tmp_path_factory):
     for c in range(6):
         (root / "raw" / f"class{c}").mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "raw" / f"class{c}" / f"{i}.png")
-    assert main(["data", "convert", "imagefolder", str(root / "raw"), "--out", str(root / "store"), "--role", "id"]) == 0
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "raw" / f"class{c}" / f"{i}.png")
+    assert main(["data", "convert", "imagefolder", str(root / "raw"), "--out", str(root / "store"),
+                 "--role", "id"]) == 0
     torch.manual_seed(0)
     save_checkpoint(root / "tiny.pt", ARCH, create_backbone(ARCH).vit.state_dict(), source="test", sha256=None,
                     meta={"image_size": 32})
@@ -46,7 +48,8 @@ def cases(r: Path) -> dict[str, tuple[list[str], str]]:
     train = ["train", "--config", str(ROOT / "config" / "training" / "ci.yaml"), "--store", store, "--pretrained", tiny]
     evaluate = ["evaluate", "--episodes", episodes, "--store", store, "--device", "cpu"]
     return {
-        "build-embedded: unwritable --out": (["data", "build-embedded", "--out", str(blocked / "x")], "is not a folder"),
+        "build-embedded: unwritable --out": (["data", "build-embedded", "--out", str(blocked / "x")],
+                                             "is not a folder"),
         "build-embedded: bad seed": (["data", "build-embedded", "--out", str(r / "e"), "--seed", "-1"], "--seed -1"),
         "convert: missing source": (["data", "convert", "imagefolder", str(r / "nope"), "--out", str(r / "s")],
                                     "nope: source folder not found"),
@@ -61,12 +64,14 @@ def cases(r: Path) -> dict[str, tuple[list[str], str]]:
                                      "--out", str(r / "e.json")], "nope"),
         "episodes: n 0": (["episodes", "sample", "--store", store, "--split", "test", "--n", "0", "--out",
                            str(r / "e.json")], "--n 0"),
-        "fetch: mistyped path": (["fetch", "weights/dino.pth", "--out", str(r / "f.pt")], "weights/dino.pth: no such file"),
+        "fetch: mistyped path": (["fetch", "weights/dino.pth", "--out", str(r / "f.pt")],
+                                 "weights/dino.pth: no such file"),
         "fetch: unknown arch": (["fetch", tiny, "--arch", "vit_huge", "--out", str(r / "f.pt")], "vit_huge"),
         "import: not a torch file": (["import", "pmf", str(r / "a_file"), "--out", str(r / "i.pt")], "a_file"),
         "pretrain: negative lr": (["pretrain", "--store", store, "--out", str(r / "p.pt"), "--set", "lr=-1"],
                                   "lr=-1.0: must be > 0"),
-        "pretrain: unwritable --out": (["pretrain", "--store", store, "--out", str(blocked / "p.pt")], "is not a folder"),
+        "pretrain: unwritable --out": (["pretrain", "--store", store, "--out", str(blocked / "p.pt")],
+                                       "is not a folder"),
         "train: missing config": (["train", "--config", str(r / "nope.yaml"), "--store", store, "--pretrained", tiny,
                                    "--out", str(r / "t")], "nope.yaml: config file not found"),
         "train: negative lr": ([*train, "--out", str(r / "t"), "--set", "optim.delta_lr=-1e-3"], "delta_lr=-0.001"),

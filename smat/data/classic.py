@@ -152,7 +152,8 @@ def _cars(src: Path) -> dict[str, list]:
         annotations = loadmat(paths["annotations"])["annotations"][0]
         rows = [(str(a["fname"][0]), int(a["class"][0][0])) for a in annotations]
     except (KeyError, ValueError, IndexError, TypeError) as err:
-        raise SmatError(f"{paths['annotations']}: not Stanford Cars annotations ({type(err).__name__}: {err})") from None
+        raise SmatError(f"{paths['annotations']}: not Stanford Cars annotations "
+                        f"({type(err).__name__}: {err})") from None
     classes: dict[str, list] = defaultdict(list)
     for fname, label in rows:
         path = src / "cars_test" / fname

@@ -412,7 +412,8 @@ def _common_size(src: Path, items: list[Any]) -> int:
         except _DECODE_ERRORS:
             continue
         if width != height:
-            raise SmatError(f"{path}: image is {width}x{height}, not square; pass --image-size N to resize the shorter side to N and crop the centre")
+            raise SmatError(f"{path}: image is {width}x{height}, not square; pass --image-size N to resize the "
+                            "shorter side to N and crop the centre")
         return width
     raise SmatError(f"{src}: no readable image found")
 
@@ -443,8 +444,9 @@ def _create_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
                     raise
     except OSError as err:
         if err.errno in _NO_SPACE:
-            raise SmatError(f"{path.parent.parent}: not enough disk space for the store ({_size_text(math.prod(shape))} "
-                            f"of images: {err.strerror}); free space or choose another --out") from None
+            needed = _size_text(math.prod(shape))
+            raise SmatError(f"{path.parent.parent}: not enough disk space for the store ({needed} of images: "
+                            f"{err.strerror}); free space or choose another --out") from None
         raise
     return images
 
@@ -473,7 +475,8 @@ def _write_images(path: Path, src: Path, kept: list[SourceClass], size: int, res
                     continue
                 if pixels.shape != (size, size, 3):
                     raise SmatError(f"{file}: image is {pixels.shape[1]}x{pixels.shape[0]} but other images are "
-                                    f"{size}x{size}; pass --image-size N to bring every image to NxN (shorter side N, centre crop)")
+                                    f"{size}x{size}; pass --image-size N to bring every image to NxN (shorter "
+                                    "side N, centre crop)")
                 images[row] = pixels
                 row += 1
             if row - start < min_images:

@@ -3,8 +3,9 @@
 They reproduce the PIL/torchvision pipelines of PMF one image at a time, but vectorised over the batch; random
 parameters are drawn per image from an explicit torch.Generator, and the work runs on that generator's device.
 * test (METHOD §3.4): Resize(int(S*256/224)), CenterCrop(S), ToTensor, Normalize(ImageNet);
-* train (METHOD §1.11): RandomResizedCrop(S, scale, ratio 3/4..4/3) of the stored image, ImageJitter (PIL ImageEnhance Brightness,
-  Contrast, Color, each factor 1 + 0.4*U(-1, 1), in that order), RandomHorizontalFlip, ToTensor, Normalize.
+* train (METHOD §1.11): RandomResizedCrop(S, scale, ratio 3/4..4/3) of the stored image, ImageJitter
+  (PIL ImageEnhance Brightness, Contrast, Color, each factor 1 + 0.4*U(-1, 1), in that order),
+  RandomHorizontalFlip, ToTensor, Normalize.
 Pixel values stay on the 0..255 scale until normalisation, rounded where PIL would produce uint8 images.
 """
 
