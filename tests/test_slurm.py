@@ -53,7 +53,8 @@ def test_data_and_episodes_run_as_slurm_jobs(cluster, tmp_path):
         "timeout", "-k", "15", "600",
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
         "--profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--configfile", str(CI_CONFIG),
-        # Poll fast on this idle cluster; it has no accounts.
+        # Poll fast on this idle cluster; it has no accounting (slurmdbd), so job states come from squeue.
+        "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "5", "--seconds-between-status-checks", "5",
         "--slurm-no-account", "--latency-wait", "5", "--retries", "0", "--jobs", "4", *targets,
     ]

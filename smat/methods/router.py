@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 
 
 def _linear(d_in: int, d_out: int, bias: bool = True) -> nn.Module:
@@ -53,6 +54,22 @@ class Router(nn.Module):
         self.block = SpectralNormBlock(dim, heads, mlp_ratio)
         self.keys = nn.Parameter(torch.empty(n_experts, dim))
         nn.init.kaiming_normal_(self.keys)                                  # fan-in d: std sqrt(2 / d)
+
+    def advance_power_iterations_(self, forwards: int) -> None:
+        """Advance every spectral-norm u, v as `forwards` training forwards would, without running them.
+
+        Each training forward runs one power iteration per Linear (eval forwards none); a data-parallel process
+        replays those of the other processes' tasks with this, so that every process holds the single-process
+        vectors (METHOD §11). torch's `_SpectralNorm._power_method` is the update its forward applies in place.
+        """
+        for module in self.modules():
+            if not parametrize.is_parametrized(module, "weight"):
+                continue
+            weights = module.parametrizations.weight
+            for norm in weights:
+                if isinstance(norm, _SpectralNorm) and norm.training:
+                    norm._power_method(norm._reshape_weight_to_matrix(weights.original),
+                                       forwards * norm.n_power_iterations)
 
     def logits(self, prototypes: Tensor) -> Tensor:
         """(n_way, d) frozen-model prototypes -> (M,) selection logits ℓ."""

@@ -159,11 +159,12 @@ class SMAT(FewShotModel):
         if not self.meta:                               # Meta off: one labelled set D = S ∪ Q (METHOD §2.2 row 4)
             sx = qx = torch.cat([sx, qx])
             sy = qy = torch.cat([sy, qy])
+        # The gates are the task's first random draw, so that `replay_task_state_` redraws them (METHOD §11).
+        gates = self.experts.gates(training=True) if self.experts.has_gates else None
         temperature = self.temperature(n_tasks_seen)
         pre_support_f, pre_query_f = self._pre_features(sx, qx, need_query=self.distill)
         pre_prototypes = self.head.prototypes(pre_support_f, sy, n_way)
         alpha, logits = self._route(pre_prototypes, temperature, training=True)
-        gates = self.experts.gates(training=True) if self.experts.has_gates else None
         weights = self._merge(self.experts.update(alpha, gates))
 
         stepped, head = inner_step(self, weights, sx, sy, n_way, self.inner_lr)
@@ -196,6 +197,21 @@ class SMAT(FewShotModel):
             loss = loss + self.logit_l2 * logits.pow(2).mean()
         metrics["loss"] = loss.item()
         return TaskOutput(loss, metrics, weights)
+
+    def replay_task_state_(self) -> None:
+        """Apply what one training task changes in the model besides gradients, without running it (METHOD §11).
+
+        A task advances the router's spectral-norm vectors by one power iteration and resets λ where its gates
+        are sparser than τ (METHOD §1.9.1), which the tasks after it see. A data-parallel process replays the
+        other processes' tasks with this, in task order and under each task's seeded generators: the gates are
+        the first draw of `task_forward`, so they come out the same here.
+        """
+        with torch.no_grad():
+            if self.experts.has_gates:
+                sparsity = realised_sparsity(self.experts.gates(training=True))
+                reset_multipliers_(self.lagrangian, sparsity, self.tau)
+            if self.router is not None:
+                self.router.advance_power_iterations_(1)
 
     def alignment_parameters(self) -> dict[str, list[Tensor]]:
         return {"delta": [self.experts.delta]}

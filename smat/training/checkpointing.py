@@ -3,14 +3,16 @@
 A model checkpoint is self-describing: `{"format": "smat-model/1", "method", "config", "backbone": {"arch",
 "image_size", "pretrained_sha256"}, "state_dict", "progress", "provenance"}`; `smat.methods.load_model`
 rebuilds the model from it alone (θ_pre is part of the state dict). The resume state adds everything needed
-to continue bit for bit: optimiser and scaler states, every random number generator, and the length of the
-training log at that moment.
+to continue bit for bit: optimiser and scaler states, the episode sampler's generator (every other random draw
+of training is seeded per task, METHOD §11) and the length of the training log at that moment.
+
+"smat-resume/2" came with the per-task seeds: a "smat-resume/1" state continued a per-process random stream
+that this code no longer draws, so it is refused rather than resumed into a different run.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,12 @@ import numpy as np
 import torch
 
 from smat.config import build_dataclass
-from smat.io import SmatError, atomic_path, first_nonfinite, load_torch_record, provenance
+from smat.io import SmatError, atomic_path, first_nonfinite, load_torch, load_torch_record, provenance
 from smat.training.config import TrainConfig
 
 MODEL_FORMAT = "smat-model/1"
-RESUME_FORMAT = "smat-resume/1"
+RESUME_FORMAT = "smat-resume/2"
+OLD_RESUME_FORMATS = ("smat-resume/1",)
 
 
 def save_model_checkpoint(path: Path, model: torch.nn.Module, config: dict, backbone: dict,
@@ -59,20 +62,12 @@ def read_model_checkpoint(path: Path) -> tuple[dict[str, Any], TrainConfig]:
     return record, config
 
 
-def rng_state(sampler_rng: np.random.Generator, augment: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "sampler": sampler_rng.bit_generator.state, "augment": augment.get_state()}
+def rng_state(sampler_rng: np.random.Generator) -> dict[str, Any]:
+    return {"sampler": sampler_rng.bit_generator.state}
 
 
-def restore_rng_state(state: dict[str, Any], sampler_rng: np.random.Generator, augment: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng_state(state: dict[str, Any], sampler_rng: np.random.Generator) -> None:
     sampler_rng.bit_generator.state = state["sampler"]
-    augment.set_state(state["augment"])
 
 
 def save_resume(path: Path, state: dict[str, Any]) -> None:
@@ -81,6 +76,12 @@ def save_resume(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_resume(path: Path) -> dict[str, Any]:
-    # Our own file in the run directory; it holds numpy RNG state, which needs the full unpickler.
-    return load_torch_record(path, "resume state", RESUME_FORMAT, "delete it to restart the run",
-                             weights_only=False)
+    # Our own file in the run directory; "smat-resume/1" held numpy RNG state, which needs the full unpickler.
+    fix = "delete it to restart the run"
+    record = load_torch(path, "resume state", fix, weights_only=False)
+    if isinstance(record, dict) and record.get("format") in OLD_RESUME_FORMATS:
+        raise SmatError(f"{path}: a resume state of an older smat ({record['format']}), whose training drew its "
+                        f"random numbers per process, not per task (METHOD §11); it cannot be continued: {fix}")
+    if not isinstance(record, dict) or record.get("format") != RESUME_FORMAT:
+        raise SmatError(f"{path}: not a resume state (format {RESUME_FORMAT!r}); {fix}")
+    return record

@@ -12,15 +12,22 @@ record per meta-update, per validation, per gradient-alignment measurement; accu
 `last.pt`, `expert_masks.npz` (SMAT with gates), and `DONE` (a JSON summary) once everything is written.
 `resume.pt` holds the periodic resume state; after `kill -9` the same command continues from it and ends
 with the same numbers as an uninterrupted run. A finished run re-invoked does nothing.
+
+Under `torchrun --nproc-per-node N` the B tasks of a meta-batch are split over N processes whose gradients
+are summed before the step (`smat.training.distributed`); every task draws its randomness from seeds of
+(config seed, task index), so N processes train what one does, up to rounding (METHOD §11). Rank 0 alone
+writes into OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,12 +38,13 @@ from smat.data.episodes import load_episode_file, make_sampler, write_episode_fi
 from smat.data.loader import EpisodeTensors, load_episode
 from smat.data.store import Store
 from smat.data.transforms import test_transform, train_transform
-from smat.device import autocast, resolve_device
+from smat.device import autocast
 from smat.io import SmatError, atomic_open, read_json, sha256_file, stable_hash, write_json
 from smat.methods.base import FewShotModel
 from smat.methods.registry import build_model
 from smat.models.checkpoint import load_pretrained
 from smat.progress import progress_bar
+from smat.training import distributed
 from smat.training.checkpointing import (load_resume, restore_rng_state, rng_state, save_model_checkpoint,
                                          save_resume)
 from smat.training.config import TrainConfig
@@ -49,7 +57,8 @@ log = logging.getLogger(__name__)
 def train(config_path: Path, stores: list[Path], pretrained: Path, out: Path, overrides: list[str] | None = None,
           device: str = "auto") -> None:
     config = load_config(TrainConfig, config_path, overrides)
-    Trainer(config, stores, Path(pretrained), Path(out), resolve_device(device)).run()
+    with distributed.process_group(device) as process_device:
+        Trainer(config, stores, Path(pretrained), Path(out), process_device).run()
 
 
 def open_stores(paths: list[Path]) -> list[Store]:
@@ -80,6 +89,26 @@ def episode_accuracy(model: FewShotModel, episode: EpisodeTensors) -> float:
     return 100.0 * (logits.argmax(-1) == episode.query_y).float().mean().item()
 
 
+# Tags the per-task seeds: (seed, task index) also seeds the gradient-alignment generators, which must differ.
+TASK_STREAM = 0x7A5C
+
+
+def task_seeds(seed: int, task: int) -> tuple[int, int]:
+    """(augmentation seed, forward seed) of the training task with global index `task`: functions of the config
+    seed and the index alone, so that any number of processes draws what one process draws (METHOD §11)."""
+    augment, forward = np.random.SeedSequence([TASK_STREAM, seed, task]).generate_state(2, np.uint64) >> np.uint64(1)
+    return int(augment), int(forward)
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global generators (CPU and `device`), from which the router's relaxed-Bernoulli sample and the
+    gate noise draw, seeded with `seed` for the block and restored after it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _mean_metrics(records: list[dict]) -> dict:
     """Element-wise mean of the numbers and number lists of several tasks' metrics."""
     return {key: np.mean([r[key] for r in records], axis=0).tolist() for key in records[0]}
@@ -97,6 +126,11 @@ class Trainer:
         if config.tasks_per_epoch % config.meta_batch:
             raise SmatError(f"tasks_per_epoch={config.tasks_per_epoch} is not a multiple of meta_batch="
                             f"{config.meta_batch}; every epoch must end with an optimiser step")
+        if config.meta_batch % (processes := distributed.world_size()):
+            raise SmatError(f"meta_batch={config.meta_batch} is not divisible by the {processes} processes; start a "
+                            "number of processes that divides it (torchrun --nproc-per-node), since each runs an "
+                            "equal share of every meta-batch")
+        self.main = distributed.is_main()           # rank 0: the only process that writes into OUT
         self.plain_config = json.loads(json.dumps(to_dict(config)))       # tuples -> lists, for YAML and JSON
         self.backbone_info = {"arch": meta["arch"], "image_size": backbone.image_size,
                               "pretrained_sha256": sha256_file(pretrained)}
@@ -108,16 +142,19 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config, backbone).to(device)
         self.optimisers = build_optimisers(self.model, config.optim)
+        self.trained = [p for opt in self.optimisers.all() for group in opt.param_groups for p in group["params"]]
+        # What a task changes besides gradients (SMAT: spectral-norm vectors, λ); PMF's tasks change nothing.
+        self.replay_task = getattr(self.model, "replay_task_state_", lambda: None)
         self.amp = config.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
         self.samplers = [make_sampler(s, "train", config.sampler) for s in self.stores]
         self.sampler_rng = np.random.default_rng(config.seed)
-        self.augment = torch.Generator(device=device).manual_seed(config.seed)
         self.train_transform = train_transform(backbone.image_size, tuple(config.crop_scale))
         self.test_transform = test_transform(backbone.image_size)
         self.progress = {"epoch": 0, "task_in_epoch": 0, "tasks_seen": 0, "best_val_acc": None,
                          "best_epoch": None, "val_acc": None}
         self.log_offset = 0
+        self.log_file = None
         self.paths = {name: out / name for name in
                       ("config.yaml", "train_log.jsonl", "resume.pt", "best.pt", "last.pt", "expert_masks.npz",
                        "DONE")}
@@ -130,18 +167,19 @@ class Trainer:
             if read_json(done).get("run_id") != self.run_id:
                 raise SmatError(f"{self.out}: holds a finished run with a different config, data or backbone; "
                                 "use another --out, or delete the directory to retrain")
-            log.info("%s: already trained (DONE exists); nothing to do", self.out)
+            self._info("%s: already trained (DONE exists); nothing to do", self.out)
             return
         if self.paths["resume.pt"].exists():
             self._restore()
         else:
             self._start()
+        distributed.barrier()                   # rank 0's config, val episodes and log are in place
         val_sets = self._val_sets()
         c = self.config
         total = c.epochs * c.tasks_per_epoch
-        with open(self.paths["train_log.jsonl"], "a", encoding="utf-8") as self.log_file, \
-                progress_bar(total=total, initial=self.progress["tasks_seen"], unit="task",
-                     desc=f"train {c.method} -> {self.out.name}") as bar:
+        with self._log_writer(), progress_bar(total=total, initial=self.progress["tasks_seen"], unit="task",
+                                              desc=f"train {c.method} -> {self.out.name}",
+                                              disable=not self.main) as bar:
             last_save = (self.progress["tasks_seen"], time.monotonic())
             while self.progress["epoch"] < c.epochs:
                 lrs = set_epoch_lr(self.optimisers, self.progress["epoch"], c.schedule)
@@ -162,35 +200,66 @@ class Trainer:
         self._finish()
 
     def _meta_batch(self) -> dict:
-        """B tasks, each loss / B back-propagated at once, then one optimiser step (METHOD §1.10)."""
-        records = []
-        for _ in range(self.config.meta_batch):
+        """B tasks, each loss / B back-propagated at once, then one optimiser step (METHOD §1.10).
+
+        With N processes each runs its B / N tasks and replays what the others' tasks change in the model,
+        in task order; every process samples every episode, so the sampler's stream is the single-process one,
+        and each task draws the rest of its randomness from its own seeds (METHOD §11).
+        """
+        c = self.config
+        first = self.progress["tasks_seen"]
+        mine = distributed.my_share(c.meta_batch)
+        records, failure = [], None
+        for offset in range(c.meta_batch):
+            task = first + offset
             domain = int(self.sampler_rng.integers(len(self.stores)))
             episode = self.samplers[domain].sample(self.sampler_rng)
-            tensors = load_episode(self.stores[domain], episode, self.train_transform, self.augment).to(self.device)
-            with autocast(self.device, self.amp):
-                loss, metrics = self.model.meta_loss(tensors, self.progress["tasks_seen"])
+            augment_seed, forward_seed = task_seeds(c.seed, task)
+            if offset not in mine:
+                with seeded_global_rng(forward_seed, self.device), autocast(self.device, self.amp):
+                    self.replay_task()
+                continue
+            augment = torch.Generator(device=self.device).manual_seed(augment_seed)
+            tensors = load_episode(self.stores[domain], episode, self.train_transform, augment).to(self.device)
+            with seeded_global_rng(forward_seed, self.device), autocast(self.device, self.amp):
+                loss, metrics = self.model.meta_loss(tensors, task)
             if not torch.isfinite(loss):
-                resume = self.paths["resume.pt"]
-                last = (f"The last good state is in {resume} and {self.paths['last.pt']}" if resume.exists()
-                        else "No state was saved")
-                raise SmatError(
-                    f"non-finite loss ({loss.item()}) at task {self.progress['tasks_seen']} (epoch "
-                    f"{self.progress['epoch']}, domain {self.stores[domain].domain!r}): training stopped. {last}; "
-                    "lower the learning rates (optim.*) or check the data")
-            self.scaler.scale(loss / self.config.meta_batch).backward()
-            self.progress["tasks_seen"] += 1
-            self.progress["task_in_epoch"] += 1
-            self.model.tasks_seen.fill_(self.progress["tasks_seen"])
+                failure = self._non_finite_message(loss.item(), task, domain)
+                break
+            self.scaler.scale(loss / c.meta_batch).backward()
             records.append({**metrics, "acc": 100.0 * metrics["acc"]})
+        if failure is None and distributed.launcher_gone():
+            failure = (f"{self.out}: the torchrun launcher of this run has ended (killed?), so all its processes "
+                       "stop; run the same command again to resume")
+        records = self._gather_task_records(records, failure)
+        distributed.all_reduce_gradients(self.trained)
         step(self.optimisers, self.scaler)
+        self.progress["tasks_seen"] += c.meta_batch
+        self.progress["task_in_epoch"] += c.meta_batch
+        self.model.tasks_seen.fill_(self.progress["tasks_seen"])
         # The same keys for every method: the ones a method has no use for stay empty.
         return {"temperature": None, "sparsity": [], "lambda": [], "alpha": [], **_mean_metrics(records)}
 
+    def _non_finite_message(self, loss: float, task: int, domain: int) -> str:
+        resume = self.paths["resume.pt"]
+        last = (f"The last good state is in {resume} and {self.paths['last.pt']}" if resume.exists()
+                else "No state was saved")
+        return (f"non-finite loss ({loss}) at task {task} (epoch {self.progress['epoch']}, domain "
+                f"{self.stores[domain].domain!r}): training stopped. {last}; lower the learning rates (optim.*) "
+                "or check the data")
+
+    @staticmethod
+    def _gather_task_records(records: list[dict], failure: str | None) -> list[dict]:
+        """Every process's task metrics in task order; a non-finite loss anywhere stops every process alike."""
+        shares = distributed.all_gather_objects((records, failure))
+        if failures := [f for _, f in shares if f is not None]:
+            raise SmatError(failures[0])        # the earliest task's: the shares are in task order
+        return [record for share, _ in shares for record in share]
+
     def _maybe_grad_alignment(self) -> None:
         ga, n, b = self.config.grad_alignment, self.progress["tasks_seen"], self.config.meta_batch
-        if not ga.interval or n // ga.interval == (n - b) // ga.interval:
-            return
+        if not ga.interval or n // ga.interval == (n - b) // ga.interval or not self.main:
+            return                  # rank 0 alone: the analysis only writes log records and changes nothing
         # Its own generators, so that the training run does not depend on the analysis (see grad_alignment.py).
         rng = np.random.default_rng([self.config.seed, n])
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + n)
@@ -215,17 +284,28 @@ class Trainer:
         self.progress.update(epoch=epoch + 1, task_in_epoch=0)
 
     def _validate(self, val_sets: dict[str, tuple[Store, list]]) -> dict[str, float]:
+        """Mean accuracy per domain. With N processes each scores every N-th episode and every process gets all
+        the scores, so that all select the same best model."""
         self.model.eval()
-        per_domain = {}
+        rank, processes = distributed.rank(), distributed.world_size()
+
+        def accuracy(store: Store, episode) -> float:
+            return episode_accuracy(self.model, load_episode(store, episode, self.test_transform).to(self.device))
+
         with torch.no_grad(), autocast(self.device, self.amp):
-            for domain, (store, episodes) in val_sets.items():
-                accs = [episode_accuracy(self.model, load_episode(store, e, self.test_transform).to(self.device))
-                        for e in episodes]
-                per_domain[domain] = float(np.mean(accs))
+            mine = {domain: {i: accuracy(store, episodes[i]) for i in range(rank, len(episodes), processes)}
+                    for domain, (store, episodes) in val_sets.items()}
         self.model.train()
+        shares = distributed.all_gather_objects(mine)
+        per_domain = {}
+        for domain, (_, episodes) in val_sets.items():
+            scores = {i: acc for share in shares for i, acc in share[domain].items()}
+            per_domain[domain] = float(np.mean([scores[i] for i in range(len(episodes))]))
         return per_domain
 
     def _finish(self) -> None:
+        if not self.main:
+            return
         if self.progress["best_epoch"] is None:         # no validation: the last model is the selected one
             self._save_model(self.paths["best.pt"])
         masks = self.model.expert_masks() if hasattr(self.model, "expert_masks") else None
@@ -234,12 +314,18 @@ class Trainer:
                 np.savez_compressed(handle, **{name: m.cpu().numpy() for name, m in masks.items()})
         write_json(self.paths["DONE"], {"run_id": self.run_id, "method": self.config.method, **self.progress})
         self.paths["resume.pt"].unlink(missing_ok=True)
-        log.info("%s: done; best mean val accuracy %s at epoch %s", self.out, self.progress["best_val_acc"],
-                 self.progress["best_epoch"])
+        self._info("%s: done; best mean val accuracy %s at epoch %s", self.out, self.progress["best_val_acc"],
+                   self.progress["best_epoch"])
 
     # --- files --------------------------------------------------------------------------------------------
 
+    def _info(self, message: str, *args) -> None:
+        if self.main:
+            log.info(message, *args)
+
     def _start(self) -> None:
+        if not self.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with atomic_open(self.paths["config.yaml"], "w", encoding="utf-8") as handle:
             yaml.safe_dump(self.plain_config, handle, sort_keys=False)
@@ -256,7 +342,19 @@ class Trainer:
             return {}
         return {s.domain: (s, load_episode_file(self._val_path(s), s)[0]) for s in self.stores}
 
+    @contextlib.contextmanager
+    def _log_writer(self) -> Iterator[None]:
+        """`train_log.jsonl` open for appending on rank 0; the other processes write no log."""
+        if not self.main:
+            yield
+            return
+        with open(self.paths["train_log.jsonl"], "a", encoding="utf-8") as self.log_file:
+            yield
+        self.log_file = None
+
     def _write_log(self, record: dict) -> None:
+        if self.log_file is None:
+            return
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         self.log_offset = self.log_file.tell()
@@ -267,12 +365,15 @@ class Trainer:
                     or (every.every_seconds and time.monotonic() - last_time >= every.every_seconds))
 
     def _save_model(self, path: Path) -> None:
-        save_model_checkpoint(path, self.model, self.plain_config, self.backbone_info, dict(self.progress))
+        if self.main:
+            save_model_checkpoint(path, self.model, self.plain_config, self.backbone_info, dict(self.progress))
 
     def _save_resume(self) -> None:
+        if not self.main:
+            return
         save_resume(self.paths["resume.pt"], {
             "run_id": self.run_id, "model": self.model.state_dict(), "optimisers": self.optimisers.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng_state(self.sampler_rng, self.augment),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(self.sampler_rng),
             "progress": dict(self.progress), "log_offset": self.log_offset})
 
     def _restore(self) -> None:
@@ -283,9 +384,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimisers.load_state_dict(state["optimisers"])
         self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"], self.sampler_rng, self.augment)
+        restore_rng_state(state["rng"], self.sampler_rng)
         self.progress = state["progress"]
         self.log_offset = state["log_offset"]
-        with open(self.paths["train_log.jsonl"], "r+b") as handle:     # drop records written after the save
-            handle.truncate(self.log_offset)
-        log.info("%s: resuming at task %d (epoch %d)", self.out, self.progress["tasks_seen"], self.progress["epoch"])
+        if self.main:
+            with open(self.paths["train_log.jsonl"], "r+b") as handle:     # drop records written after the save
+                handle.truncate(self.log_offset)
+        self._info("%s: resuming at task %d (epoch %d)", self.out, self.progress["tasks_seen"],
+                   self.progress["epoch"])

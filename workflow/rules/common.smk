@@ -381,9 +381,7 @@ def smat_train_command(threads):
     if GPUS_PER_JOB == 1:
         return "smat train"
     per_process = max(1, threads // GPUS_PER_JOB)
-    return (
-        f"OMP_NUM_THREADS={per_process} torchrun --standalone --nproc-per-node {GPUS_PER_JOB} -m smat.cli train"
-    )
+    return f"OMP_NUM_THREADS={per_process} torchrun --standalone --nproc-per-node {GPUS_PER_JOB} -m smat.cli train"
 
 
 # ------------------------------------------------------------------------------------- wildcard constraints

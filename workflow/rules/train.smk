@@ -8,6 +8,11 @@
 # (common.smk: trained), and so do the readers of expert_masks.npz, which SMAT models with gates write
 # before it. Not update(): Snakemake restores such a file after a failed job, which would put the log
 # behind the resume state.
+#
+# compute.gpus_per_job = N > 1 runs the job as N data-parallel torchrun processes (METHOD §11) on one node
+# (nodes=1) with N GPUs (gpu=N: Slurm --gpus=N). No `tasks` resource: the Slurm plugin would turn it into
+# --ntasks-per-gpu and start the whole job N times; torchrun starts the N processes inside the one task, and
+# threads (--cpus-per-task) is for all of them together.
 
 
 rule meta_tune:
@@ -29,14 +34,16 @@ rule meta_tune:
     resources:
         runtime=per_attempt(30),
         mem_mb=per_attempt(3000),
-        gpu=GPU,
+        gpu=GPU * GPUS_PER_JOB,
+        nodes=1,
     params:
+        train=lambda wildcards, threads: smat_train_command(threads),
         out=lambda wildcards, output: os.path.dirname(output.done),
         stores=[store(d) for d in ID_DATASETS],
         overrides=lambda wildcards: MODELS[wildcards.model_id].cli_overrides(),
         device=DEVICE,
     shell:
-        "smat train --config {input.config} --store {params.stores} --pretrained {input.pretrained} "
+        "{params.train} --config {input.config} --store {params.stores} --pretrained {input.pretrained} "
         "--out {params.out} {params.overrides} --device {params.device} > {log} 2>&1"
 
 
