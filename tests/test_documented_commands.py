@@ -22,8 +22,9 @@ DOCUMENTS = [ROOT / "README.md", ROOT / "config" / "README.md", ROOT / "workflow
              *sorted((ROOT / "config").glob("*.yaml")), *sorted((ROOT / "config").glob("*/*.yaml"))]
 # Not dry-runnable as written, and why.
 NOT_DRY_RUNNABLE = {
-    "snakemake --report report.html": "reports on finished results (tests/test_workflow.py builds the report "
-                                      "of the CI run)",
+    "snakemake --report report.html": "reports on the finished results of `all` (figures included), hours of work",
+    "snakemake --report report.html all_tables": "reports on finished results (tests/test_workflow.py builds it "
+                                                 "for the CI run)",
     "snakemake --unlock": "acts on a killed run (tests/test_workflow.py runs it after kill -9)",
 }
 
