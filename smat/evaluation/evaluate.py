@@ -175,7 +175,7 @@ def model_file(model_spec: str) -> Path:
     return path
 
 
-def load_model_with_info(model_spec: str, device: torch.device):
+def load_model_with_info(model_spec: str, device: torch.device, sha: str | None = None):
     """(model in eval mode, its identity and Table 2 switches for the result rows; empty switches for Pre)."""
     from smat.methods.registry import load_model, load_trained
 
@@ -185,7 +185,7 @@ def load_model_with_info(model_spec: str, device: torch.device):
     else:
         model, checkpoint = load_trained(path, device)
         config = checkpoint["config"]
-    sha = sha256_file(path)
+    sha = sha or sha256_file(path)      # the caller's, if it hashed the file already
     info: dict[str, Any] = {"method": model.method, "model_id": f"{model.method}-{sha[:12]}",
                             "model_sha256": sha, **{name: None for name in SWITCH_NAMES}, "tau": None,
                             "experts": None}
@@ -324,10 +324,10 @@ def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: 
     model_file(model_spec)     # a missing model fails before the datasets are read
     torch_device = resolve_device(device)
     runs = read_datasets(episodes_paths, store_paths, outs, limit, image_sizes)
-    model_sha = sha256_file(model_file(model_spec)) if lr_froms else None
+    model_sha = sha256_file(model_file(model_spec))    # checks lr files before the model loads; hashed once
     lrs = [resolve_lr(finetune, lr, Path(lr_froms[i]) if lr_froms else None, run.store.domain, model_sha)
            for i, run in enumerate(runs)]
-    model, info = load_model_with_info(model_spec, torch_device)
+    model, info = load_model_with_info(model_spec, torch_device, model_sha)
     check_image_sizes(model, runs)
     runner = EpisodeRunner(model, runs[0].store, finetune, torch_device)
     return [_evaluate_one(runner.on_store(run.store, run.image_size), run, model_spec, info, run_lr, label,
