@@ -29,6 +29,29 @@ CLASSIC_FORMATS = {
 _OUTPUT_ARGS = ("out", "out_dir", "out_prefix", "weights_out")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` of every command: descriptions wrapped, examples as written, each option's default after its
+    help (unless it has none, i.e. None, False or [], or the help already names it)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == []
+                or default is argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _example(*lines: str) -> str:
+    """The epilog of a command: one or more example command lines."""
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def _data(args: argparse.Namespace) -> None:
     if args.data_command == "build-embedded":
         from smat.data.embedded import build_embedded
@@ -169,67 +192,115 @@ def _figures(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="smat", formatter_class=HelpFormatter,
+        description="Sparse MeTa-Tuning (SMAT) and its baselines: data, meta-tuning, evaluation, tables and "
+        "figures. Every Snakemake rule of the workflow is one of these commands; `smat COMMAND --help` "
+        "describes each.",
+        epilog=_example("smat data build-embedded --out resources/raw/embedded --size ci",
+                        "smat compare results/eval/pre/digits/none.csv results/eval/pmf/seed~0/digits/none.csv"))
     parser.add_argument("--version", action="version", version=f"smat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also with the environment variable SMAT_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    device.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config key (dotted for nested keys); repeatable")
 
-    data = commands.add_parser("data", help="build, convert and check datasets")
+    data = commands.add_parser("data", help="build, convert and check datasets", formatter_class=HelpFormatter,
+                               description="Datasets as stores (manifest.json + images.npy, docs/ARCHITECTURE.md "
+                               "'Files'): generate the embedded benchmark, convert raw data, check a store.",
+                               epilog=_example("smat data check resources/data/latin-greek"))
     data.set_defaults(func=_data)
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    build = data_commands.add_parser("build-embedded", help="generate the offline multi-domain benchmark")
-    build.add_argument("--out", required=True)
-    build.add_argument("--size", choices=["default", "ci"], default="default")
-    build.add_argument("--seed", type=int, default=0)
-    convert = data_commands.add_parser("convert", help="convert raw data into a dataset store")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    build = data_commands.add_parser(
+        "build-embedded", help="generate the offline multi-domain benchmark", formatter_class=HelpFormatter,
+        description="Generate the embedded benchmark (README, 'What the default run computes'): procedurally "
+        "drawn domains written as class-per-folder PNGs with a splits.json each, like a raw download; "
+        "`smat data convert imagefolder` then turns each domain into a store.",
+        epilog=_example("smat data build-embedded --out resources/raw/embedded --size default --seed 0"))
+    build.add_argument("--out", required=True,
+                       help="folder to write: one sub-folder per domain, benchmark.json and sample grids")
+    build.add_argument("--size", choices=["default", "ci"], default="default",
+                       help="default: the full benchmark; ci: a tiny one for tests")
+    build.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    convert = data_commands.add_parser(
+        "convert", help="convert raw data into a dataset store", formatter_class=HelpFormatter,
+        description="Convert a dataset, as its publisher distributes it, into a store: every image decoded "
+        "once, optionally resized, with its class split recorded (config/README.md, `datasets`).",
+        epilog=_example("smat data convert imagefolder my_images --out resources/data/my-set --image-size 32",
+                        "smat data convert pmf-h5 data/meta_dataset/omniglot --out resources/data/omniglot "
+                        "--image-size 146"))
     convert.add_argument("format", choices=["imagefolder", "tfrecords", "pmf-h5", *CLASSIC_FORMATS],
                          help="imagefolder: one sub-folder of images per class; tfrecords / pmf-h5: a Meta-Dataset "
                          "domain (class files + dataset_spec.json); " + "; ".join(
                              f"{name}: {text}" for name, text in CLASSIC_FORMATS.items()))
     convert.add_argument("src", help="the dataset's folder, as downloaded (README: 'Running the paper configuration')")
-    convert.add_argument("--out", required=True)
+    convert.add_argument("--out", required=True, help="store folder to write (replaced atomically)")
     convert.add_argument("--image-size", type=int, default=None,
-                         help="store at N×N: shorter side to N, centre crop (default: keep; all must agree)")
+                         help="store at N×N: shorter side to N, centre crop (default: keep the size; all "
+                         "images must then have one square size)")
     convert.add_argument("--splits", default=None,
                          help="JSON with train/val/test class lists and optional groups (default: SRC/splits.json)")
     convert.add_argument("--role", choices=["id", "ood"], default="ood",
                          help="without a splits file: ood puts every class in test, id splits 60/15/25 at random")
     convert.add_argument("--domain", default=None, help="dataset name recorded in the store (default: folder name)")
-    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--seed", type=int, default=0, help="seed of the random class split of --role id")
     convert.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report them")
-    convert.add_argument("--min-images", type=int, default=2, help="exclude classes with fewer images")
-    check = data_commands.add_parser("check", help="verify a dataset store")
-    check.add_argument("store")
+    convert.add_argument("--min-images", type=int, default=2,
+                         help="exclude classes with fewer images (listed in the manifest)")
+    check = data_commands.add_parser(
+        "check", help="verify a dataset store", formatter_class=HelpFormatter,
+        description="Check a store's manifest and image array (shapes, counts, splits); with --spec, also "
+        "against the Meta-Dataset specification it was converted from. Prints STORE: OK or every problem.",
+        epilog=_example("smat data check resources/data/omniglot --spec data/meta_dataset/omniglot/dataset_spec.json"))
+    check.add_argument("store", help="store folder (written by `smat data convert`)")
     check.add_argument("--spec", default=None,
                        help="a Meta-Dataset dataset_spec.json the store must match (classes per split, images)")
 
-    episodes = commands.add_parser("episodes", help="freeze evaluation episodes")
+    episodes = commands.add_parser(
+        "episodes", help="freeze evaluation episodes", formatter_class=HelpFormatter,
+        description="Frozen episodes: sampled once per dataset and shared by every model, so that comparisons "
+        "are paired (METHOD §3.4).",
+        epilog=_example("smat episodes sample --store resources/data/digits --split test --out test.json"))
     episodes.set_defaults(func=_episodes)
-    episode_commands = episodes.add_subparsers(dest="episodes_command", required=True)
-    sample = episode_commands.add_parser("sample", help="sample episodes once and write them to a file")
-    sample.add_argument("--store", required=True)
-    sample.add_argument("--split", required=True, choices=["train", "val", "test"])
-    sample.add_argument("--n", type=int, default=600)
-    sample.add_argument("--seed", type=int, default=0)
+    episode_commands = episodes.add_subparsers(dest="episodes_command", required=True, metavar="COMMAND")
+    sample = episode_commands.add_parser(
+        "sample", help="sample episodes once and write them to a file", formatter_class=HelpFormatter,
+        description="Sample episodes from one split of a store and write their class and image ids to a JSON "
+        "file, with the store's fingerprint. Without --ways: Meta-Dataset's variable-way variable-shot "
+        "episodes (METHOD §3.1); with --ways, --shots and --queries: fixed N-way K-shot (METHOD §3.3).",
+        epilog=_example("smat episodes sample --store resources/data/digits --split test --n 60 --seed 0 "
+                        "--ways 5 --shots 1 --queries 10 --out results/episodes/digits/test.json"))
+    sample.add_argument("--store", required=True, help="store folder to sample from")
+    sample.add_argument("--split", required=True, choices=["train", "val", "test"], help="classes to sample from")
+    sample.add_argument("--n", type=int, default=600, help="number of episodes")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
     sample.add_argument("--ways", type=int, default=None, help="fixed N-way (default: variable way)")
     sample.add_argument("--shots", type=int, default=None, help="fixed K-shot (with --ways)")
     sample.add_argument("--queries", type=int, default=None, help="queries per class (with --ways)")
-    sample.add_argument("--out", required=True)
+    sample.add_argument("--out", required=True, help="episode file (JSON) to write")
 
-    fetch = commands.add_parser("fetch", help="fetch pre-trained weights into a verified, normalised checkpoint")
+    fetch = commands.add_parser(
+        "fetch", help="fetch pre-trained weights into a verified, normalised checkpoint",
+        formatter_class=HelpFormatter,
+        description="Download (or copy) pre-trained weights, check their sha256 and their fit to the "
+        "backbone, and write a backbone checkpoint (docs/ARCHITECTURE.md 'Files').",
+        epilog=_example("smat fetch config/pretrained/vit_tiny_patch4_32-embedded.safetensors "
+                        "--out resources/pretrained/vit_tiny_patch4_32.pt",
+                        "smat fetch dino_deitsmall16_pretrain.pth --arch vit_small_patch16_dino "
+                        "--out resources/pretrained/vit_small_patch16_dino.pt"))
     fetch.set_defaults(func=_fetch)
     fetch.add_argument("source", help="hub name (timm/HF), http(s)/file URL, or local path")
-    fetch.add_argument("--out", required=True)
-    fetch.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file")
-    fetch.add_argument("--arch", default=None, help="backbone name (needed for URLs and local files)")
+    fetch.add_argument("--out", required=True, help="backbone checkpoint (.pt) to write")
+    fetch.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file (default: no check)")
+    fetch.add_argument("--arch", default=None,
+                       help="backbone name (default: the registry's entry for a registered source, else inferred "
+                       "from the weights' shapes)")
 
     imported = argparse.ArgumentParser(add_help=False)
     imported.add_argument("checkpoint", help="the authors' released checkpoint file")
@@ -239,32 +310,60 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--heads", type=int, default=None, help="attention heads, for sizes no backbone has")
     imported.add_argument("--image-size", type=int, default=None,
                           help="input size of evaluation (default: the size of the checkpoint's position grid)")
-    import_ = commands.add_parser("import", help="convert the authors' SMAT or PMF checkpoint into a model checkpoint")
+    import_ = commands.add_parser(
+        "import", help="convert the authors' SMAT or PMF checkpoint into a model checkpoint",
+        formatter_class=HelpFormatter,
+        description="Convert a released checkpoint into a model checkpoint that `smat evaluate` reads like a "
+        "trained one (METHOD §10).",
+        epilog=_example("smat import pmf best.pth --out results/models/released/pmf-release/best.pt"))
     import_.set_defaults(func=_import)
-    import_commands = import_.add_subparsers(dest="import_format", required=True)
-    smat_official = import_commands.add_parser("smat-official", parents=[imported],
-                                               help="checkpoint.pt of the official SMAT code (METHOD §10)")
+    import_commands = import_.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
+    smat_official = import_commands.add_parser(
+        "smat-official", parents=[imported], help="checkpoint.pt of the official SMAT code (METHOD §10)",
+        formatter_class=HelpFormatter,
+        description="Import checkpoint.pt of the official SMAT code. Released files lack the router's keys "
+        "and skill tokens: give them with --router-extra (METHOD §10).",
+        epilog=_example("smat import smat-official checkpoint.pt --router-extra router.pt --image-size 128 "
+                        "--out results/models/released/smat-release/best.pt"))
     smat_official.add_argument("--router-extra", default=None,
                                help="torch file with the router keys and skill tokens the checkpoint lacks")
     smat_official.add_argument("--allow-missing-router", action="store_true",
                                help="without them, use random stand-ins (a different model than the release)")
-    import_commands.add_parser("pmf", parents=[imported], help="checkpoint.pth / best.pth of PMF's main.py")
+    import_commands.add_parser(
+        "pmf", parents=[imported], help="checkpoint.pth / best.pth of PMF's main.py", formatter_class=HelpFormatter,
+        description="Import PMF's released checkpoint.pth or best.pth (backbone, classifier scale and bias).",
+        epilog=_example("smat import pmf best.pth --out results/models/released/pmf-release/best.pt"))
 
-    pretrain = commands.add_parser("pretrain", parents=[device, overrides],
-                                   help="pre-train the tiny ViT on the train classes of its corpus")
+    pretrain = commands.add_parser(
+        "pretrain", parents=[device, overrides], help="pre-train the tiny ViT on the train classes of its corpus",
+        formatter_class=HelpFormatter,
+        description="Supervised pre-training of θ_pre (the embedded default's backbone) on the train classes "
+        "of the given stores; deterministic: the same settings give the same weights bit for bit.",
+        epilog=_example("smat pretrain --store resources/data/textures resources/data/sketches "
+                        "--config config/pretrain/embedded.yaml --out resources/pretrained/vit_tiny_patch4_32.pt"))
     pretrain.set_defaults(func=_pretrain)
-    pretrain.add_argument("--store", nargs="+", required=True)
-    pretrain.add_argument("--config", default=None, help="YAML of pre-training settings")
-    pretrain.add_argument("--out", required=True)
+    pretrain.add_argument("--store", nargs="+", required=True, help="stores of the pre-training corpus")
+    pretrain.add_argument("--config", default=None,
+                          help="YAML of pre-training settings, e.g. config/pretrain/embedded.yaml (default: the "
+                          "package's settings)")
+    pretrain.add_argument("--out", required=True, help="backbone checkpoint (.pt) to write")
     pretrain.add_argument("--weights-out", default=None,
                           help="also write the bare weights as FILE.safetensors (byte-identical for equal weights)")
 
-    train = commands.add_parser("train", parents=[device, overrides], help="meta-tune (SMAT, PMF, SoftMerge)")
+    train = commands.add_parser(
+        "train", parents=[device, overrides], help="meta-tune (SMAT, PMF, SoftMerge)", formatter_class=HelpFormatter,
+        description="Meta-tune θ_pre on episodes of the ID stores' train classes, selecting the checkpoint on "
+        "their val classes. Writes best.pt, train_log.jsonl, expert_masks.npz (SMAT) and DONE into --out; "
+        "an interrupted run resumes from its resume.pt.",
+        epilog=_example("smat train --config config/training/embedded.yaml --store resources/data/latin-greek "
+                        "resources/data/cyrillic --pretrained resources/pretrained/vit_tiny_patch4_32.pt "
+                        "--out results/models/smat/tau~0.9/experts~8/seed~0 --set method=smat --set tau=0.9"))
     train.set_defaults(func=_train)
-    train.add_argument("--config", required=True)
+    train.add_argument("--config", required=True,
+                       help="YAML of meta-tuning settings (config/training/*.yaml; METHOD §8)")
     train.add_argument("--store", nargs="+", required=True, help="ID stores (train classes; val for selection)")
-    train.add_argument("--pretrained", required=True)
-    train.add_argument("--out", required=True)
+    train.add_argument("--pretrained", required=True, help="backbone checkpoint θ_pre (`smat fetch` / `smat pretrain`)")
+    train.add_argument("--out", required=True, help="model folder to write")
 
     # One or more datasets per call, so the model is loaded once: --episodes, --store and --out (and
     # --lr-from) take one value per dataset, paired by position.
@@ -276,47 +375,79 @@ def build_parser() -> argparse.ArgumentParser:
                              help="evaluation input size, once or per dataset ('model': the model's own; the "
                              "position table is resampled on the fly)")
 
-    evaluate = commands.add_parser("evaluate", parents=[device, per_dataset],
-                                   help="evaluate a model on frozen episodes of one or more datasets")
+    evaluate = commands.add_parser(
+        "evaluate", parents=[device, per_dataset], help="evaluate a model on frozen episodes of one or more datasets",
+        formatter_class=HelpFormatter,
+        description="Evaluate one model on the frozen episodes of one or more datasets, without or with "
+        "test-time fine-tuning (METHOD §3.4, §3.5); writes one row per episode to a CSV per dataset, with a "
+        "JSON summary beside it.",
+        epilog=_example("smat evaluate --model results/models/pmf/seed~0/best.pt --episodes "
+                        "results/episodes/digits/test.json --store resources/data/digits --finetune none "
+                        "--out results/eval/pmf/seed~0/digits/none.csv"))
     evaluate.set_defaults(func=_evaluate)
     evaluate.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
-    evaluate.add_argument("--finetune", choices=["none", "full", "lora"], default="none")
+    evaluate.add_argument("--finetune", choices=["none", "full", "lora"], default="none",
+                          help="test-time fine-tuning: none, all weights, or LoRA adapters")
     evaluate.add_argument("--lr", type=float, default=None, help="fine-tuning lr for every dataset")
     evaluate.add_argument("--lr-from", nargs="+", default=None,
                           help="JSON written by `smat select-lr`, one per dataset")
     evaluate.add_argument("--label", default=None, help="name of this model in tables (default: method)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N episodes only")
 
-    select = commands.add_parser("select-lr", parents=[device, per_dataset],
-                                 help="pick the fine-tuning lr of each dataset")
+    select = commands.add_parser(
+        "select-lr", parents=[device, per_dataset], help="pick the fine-tuning lr of each dataset",
+        formatter_class=HelpFormatter,
+        description="Fine-tune on the labelled hps episodes with every learning rate of the grid and write the "
+        "best one per dataset to a JSON file, read by `smat evaluate --lr-from` (METHOD §3.5).",
+        epilog=_example("smat select-lr --model results/models/pmf/seed~0/best.pt --episodes "
+                        "results/episodes/digits/hps.json --store resources/data/digits --finetune full "
+                        "--grid 0 0.0001 0.001 --out results/lr/pmf/seed~0/digits/full.json"))
     select.set_defaults(func=_select_lr)
-    select.add_argument("--model", required=True)
-    select.add_argument("--finetune", choices=["full", "lora"], required=True)
+    select.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
+    select.add_argument("--finetune", choices=["full", "lora"], required=True,
+                        help="fine-tuning mode whose learning rate is searched")
     select.add_argument("--grid", nargs="+", action="append", default=None, metavar="LR",
                         help="learning rates to try; give once for every dataset or once per dataset "
                              "(`default`: the package's grid)")
-    select.add_argument("--n-episodes", type=int, default=5)
+    select.add_argument("--n-episodes", type=int, default=5, help="episodes of each file to fine-tune on")
 
-    compare = commands.add_parser("compare", help="paired difference of two result CSVs with its 95%% CI")
+    compare = commands.add_parser(
+        "compare", help="paired difference of two result CSVs with its 95%% CI", formatter_class=HelpFormatter,
+        description="Mean accuracy difference B − A over the episodes both files share (the same frozen "
+        "episodes: a paired comparison), with its 95% CI.",
+        epilog=_example("smat compare results/eval/pre/digits/none.csv results/eval/pmf/seed~0/digits/none.csv"))
     compare.set_defaults(func=_compare)
-    compare.add_argument("a")
-    compare.add_argument("b")
+    compare.add_argument("a", help="per-episode CSV of `smat evaluate`: the reference A")
+    compare.add_argument("b", help="per-episode CSV of the same episodes: the model B compared with A")
 
     datasets = argparse.ArgumentParser(add_help=False)
-    datasets.add_argument("--id-datasets", nargs="*", default=[])
-    datasets.add_argument("--ood-datasets", nargs="*", default=[])
+    datasets.add_argument("--id-datasets", nargs="*", default=[], metavar="NAME",
+                          help="in-domain datasets, in row order (each must have results)")
+    datasets.add_argument("--ood-datasets", nargs="*", default=[], metavar="NAME",
+                          help="out-of-domain datasets, in row order (each must have results)")
 
-    tables = commands.add_parser("tables", parents=[datasets], help="build result tables")
+    tables = commands.add_parser(
+        "tables", parents=[datasets], help="build result tables", formatter_class=HelpFormatter,
+        description="Write a table as tidy CSV, Markdown and LaTeX (+ provenance): table1 (accuracy per "
+        "dataset and model), table2 (the ablations), reference (the paper's published numbers).",
+        epilog=_example("smat tables table1 --eval results/eval/pre/digits/none.csv "
+                        "results/eval/pmf/seed~0/digits/none.csv --ood-datasets digits --out-dir results/tables"))
     tables.set_defaults(func=_tables)
-    tables.add_argument("table", choices=["table1", "table2", "reference"])
+    tables.add_argument("table", choices=["table1", "table2", "reference"], help="which table")
     tables.add_argument("--eval", nargs="*", default=[], help="per-episode CSVs from `smat evaluate`")
-    tables.add_argument("--out-dir", required=True)
+    tables.add_argument("--out-dir", required=True, help="folder to write TABLE.{csv,md,tex} into")
 
-    figures = commands.add_parser("figures", parents=[datasets], help="draw analysis figures")
+    figures = commands.add_parser(
+        "figures", parents=[datasets], help="draw analysis figures", formatter_class=HelpFormatter,
+        description="Draw one figure of METHOD §5 as PNG and PDF. pareto and dendrogram read eval CSVs (and "
+        "need --id-datasets / --ood-datasets), curves and grad-alignment read train_log.jsonl files, capacity "
+        "and mask-overlap one expert_masks.npz.",
+        epilog=_example("smat figures mask-overlap --inputs results/models/smat/tau~0.9/experts~8/seed~0/"
+                        "expert_masks.npz --out-prefix results/figures/mask_overlap"))
     figures.set_defaults(func=_figures)
     figures.add_argument("figure", choices=["pareto", "grad-alignment", "capacity", "dendrogram",
-                                            "mask-overlap", "curves"])
-    figures.add_argument("--inputs", nargs="+", required=True)
+                                            "mask-overlap", "curves"], help="which figure")
+    figures.add_argument("--inputs", nargs="+", required=True, help="the files the figure reads (see above)")
     figures.add_argument("--out-prefix", required=True, help="writes PREFIX.png and PREFIX.pdf")
     return parser
 
