@@ -4,9 +4,11 @@ numbers show").
 Every finding is a mean over datasets of per-dataset paired differences (the same frozen test episodes
 for every model), with a 95% CI propagated over the independent datasets: sqrt(sum of CI²) / k.
 
-    python benchmarks/findings.py [--run DIR] [--label NAME]     # DIR holds results/ (default: .)
+    python benchmarks/findings.py [--run DIR] [--config FILE]          # DIR holds results/ (default: .)
+    python benchmarks/findings.py --run DIR --record [--label NAME]     # also record them
 
-Prints the findings and merges them into benchmarks/results/findings.json under --label. With several
+Prints the findings; with --record also merges them into benchmarks/results/findings.json (or the file
+given to --record) under --label, so that checking a number leaves the checkout as it was. With several
 training seeds in the run (`training.seeds`), every seed is checked on its own.
 """
 
@@ -83,8 +85,11 @@ def findings(run: Path, config: dict, seed: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("."), help="directory holding results/ of the run")
-    parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
-    parser.add_argument("--label", default="default")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml",
+                        help="the run's workflow config")
+    parser.add_argument("--record", type=Path, nargs="?", const=RESULTS, default=None, metavar="FILE",
+                        help=f"also merge the findings into FILE (default: {RESULTS.relative_to(ROOT)}, tracked)")
+    parser.add_argument("--label", default="default", help="key of the findings in the --record file")
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     recorded = {}
@@ -100,10 +105,11 @@ def main() -> int:
             print(f"  tau {tau:<5} mean ID {point['id']:.2f}  mean OOD {point['ood']:.2f}")
         for check, holds in result["holds"].items():
             print(f"  {'holds ' if holds else 'FAILS '} {check}")
-    results = read_json(RESULTS) if RESULTS.is_file() else {}
-    results[args.label] = {"seeds": recorded, "paper": PAPER, "provenance": provenance()}
-    write_json(RESULTS, results)
-    print(f"\nrecorded in {RESULTS} under {args.label!r}")
+    if args.record:
+        results = read_json(args.record) if args.record.is_file() else {}
+        results[args.label] = {"seeds": recorded, "paper": PAPER, "provenance": provenance()}
+        write_json(args.record, results)
+        print(f"\nrecorded in {args.record} under {args.label!r}")
     return 0
 
 
