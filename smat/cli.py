@@ -7,14 +7,17 @@ are imported only when their command runs, so `smat --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from smat import __version__
-from smat.io import SmatError, check_writable
+from smat.config import MAX_SEED
+from smat.io import SmatError, check_outputs, check_writable, run_lock
 
 # `smat data convert` formats of classic datasets, as their publishers distribute them (smat/data/classic.py).
 CLASSIC_FORMATS = {
@@ -27,6 +30,57 @@ CLASSIC_FORMATS = {
 
 # Arguments naming files or folders a command writes: checked writable before any work starts.
 _OUTPUT_ARGS = ("out", "out_dir", "out_prefix", "weights_out")
+# Commands whose --out is a folder written as a whole (the others write files).
+_FOLDER_OUTPUTS = {("data", "build-embedded"), ("data", "convert"), ("train", None)}
+
+
+def _io_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """(outputs with their kind, inputs) of the command, derived output names included: compared by
+    `check_outputs` before any work, so that no output replaces an input."""
+    sub = getattr(args, "data_command", None)
+    kind = "folder" if (args.command, sub) in _FOLDER_OUTPUTS else "file"
+    outputs = [(Path(p), kind) for p in _as_list(getattr(args, "out", None))]
+    if args.command == "evaluate":              # EVAL.csv and its summary EVAL.json
+        outputs += [(Path(p).with_suffix(".json"), "file") for p in args.out]
+    if args.command == "pretrain":              # the resume state of an interrupted run, the bare weights
+        outputs += [(Path(args.out + ".partial"), "file")] + [(Path(p), "file") for p in _as_list(args.weights_out)]
+    if args.command == "tables":
+        name = "table_reference" if args.table == "reference" else args.table
+        outputs += [(Path(args.out_dir) / f"{name}.{ext}", "file") for ext in ("csv", "md", "tex", "provenance.json")]
+    if args.command == "figures":
+        outputs += [(Path(args.out_prefix + ext), "file") for ext in (".png", ".pdf")]
+    inputs = [Path(p) for name in ("src", "splits", "store", "config", "pretrained", "checkpoint", "router_extra",
+                                   "episodes", "lr_from", "inputs")
+              for p in _as_list(getattr(args, name, None))]
+    for spec in _as_list(getattr(args, "model", None)):
+        inputs.append(Path(spec.removeprefix("pretrained:")))
+    if args.command == "fetch" and not args.source.startswith(("http://", "https://")):
+        inputs.append(Path(args.source.removeprefix("file://")))
+    for p in _as_list(getattr(args, "eval", None)):  # tables read each CSV and its summary
+        inputs += [Path(p), Path(p).with_suffix(".json")]
+    return outputs, inputs
+
+
+# Numeric arguments and their ranges, checked before any work (argparse accepts `nan`, `inf` and negatives).
+_NUMBERS = {
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "n": (lambda v: v >= 1, "at least 1"),
+    "ways": (lambda v: v >= 2, "at least 2"),
+    "shots": (lambda v: v >= 1, "at least 1"),
+    "queries": (lambda v: v >= 1, "at least 1"),
+    "heads": (lambda v: v >= 1, "at least 1"),
+    "limit": (lambda v: v >= 1, "at least 1"),
+    "n_episodes": (lambda v: v >= 1, "at least 1"),
+    "image_size": (lambda v: v >= 1, "a positive number of pixels"),
+    "lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, (ok, wanted) in _NUMBERS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, (int, float)) and not ok(value):      # (evaluate's --image-size is a list)
+            raise SmatError(f"--{name.replace('_', '-')} {value}: must be {wanted}")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -127,8 +181,11 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from smat.training.loop import train
 
-    train(Path(args.config), [Path(s) for s in args.store], Path(args.pretrained), Path(args.out),
-          overrides=args.set, device=args.device)
+    # One run per --out at a time. Under torchrun every process runs this: rank 0 holds the lock for them all.
+    lock = run_lock(Path(args.out), "smat train") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        train(Path(args.config), [Path(s) for s in args.store], Path(args.pretrained), Path(args.out),
+              overrides=args.set, device=args.device)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -152,9 +209,12 @@ def _image_sizes(values: list[str] | None) -> list[int | None]:
     if not values:
         return [None]
     try:
-        return [None if v == "model" else int(v) for v in values]
+        sizes = [None if v == "model" else int(v) for v in values]
     except ValueError:
         raise SmatError(f"--image-size {' '.join(values)}: expected pixel counts or 'model'") from None
+    if any(size is not None and size < 1 for size in sizes):
+        raise SmatError(f"--image-size {' '.join(values)}: pixel counts must be at least 1")
+    return sizes
 
 
 def _paths(values: list[str]) -> list[Path]:
@@ -166,9 +226,12 @@ def _grid(values: list[str]) -> list[float] | None:
     if values == ["default"]:
         return None
     try:
-        return [float(lr) for lr in values]
+        grid = [float(lr) for lr in values]
     except ValueError:
         raise SmatError(f"--grid {' '.join(values)}: give learning rates (numbers), or `default` alone") from None
+    if not all(math.isfinite(lr) and lr >= 0 for lr in grid):
+        raise SmatError(f"--grid {' '.join(values)}: learning rates must be finite numbers >= 0")
+    return grid
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -460,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     debug = args.debug or os.environ.get("SMAT_DEBUG", "") not in ("", "0")
     try:
+        _check_numbers(args)
+        check_outputs(*_io_paths(args))
         for name in _OUTPUT_ARGS:
             for path in _as_list(getattr(args, name, None)):
                 check_writable(Path(path))

@@ -80,6 +80,21 @@ def check_ranges(config: Any, positive: tuple[str, ...] = (), non_negative: tupl
                 raise ValueError(f"{name}={value}: must be {wanted}")
 
 
+def nonfinite_keys(data: Any, where: str = "config") -> list[str]:
+    """Dotted keys of `data` (parsed YAML: mappings, lists, scalars) holding NaN or infinity, as `KEY=VALUE`.
+
+    Every typed config refuses them (`build_dataclass`); the workflow runs this on its whole config before any
+    job starts, since JSON-Schema's bounds let NaN through.
+    """
+    if isinstance(data, dict):
+        return [found for key, value in data.items() for found in nonfinite_keys(value, f"{where}.{key}")]
+    if isinstance(data, list):
+        return [found for i, value in enumerate(data) for found in nonfinite_keys(value, f"{where}[{i}]")]
+    if isinstance(data, float) and not math.isfinite(data):
+        return [f"{where}={data}"]
+    return []
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings; values are parsed as YAML scalars (so `true`, `0.9`, `[1, 2]` work)."""
     data = dict(data)
@@ -156,6 +171,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SmatError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise SmatError(f"{where}: {value} is not a finite number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -3,47 +3,129 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import smat
+
+log = logging.getLogger(__name__)
 
 
 class SmatError(Exception):
     """An error caused by the user's input. The CLI prints its message (no traceback) and exits 2."""
 
 
+# Errors of a write that ran out of space: the OS's, a file-size limit, and the messages of writers that do
+# not pass the OSError on (torch.save's zip writer: "enforce fail at inline_container"; safetensors: Rust's).
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_SPACE_TEXT = ("inline_container", "No space left", "StorageFull", "File too large", "FileTooLarge",
+                  "Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in _NO_SPACE
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _NO_SPACE_TEXT)
+
+
+def disk_full_error(path: str | os.PathLike, err: BaseException) -> SmatError:
+    """The one message for any writer that ran out of space."""
+    detail = err.strerror if isinstance(err, OSError) and err.strerror else brief_error(err)
+    return SmatError(f"{path}: not written: no space left (the disk is full, or a quota or file-size limit was "
+                     f"reached: {detail}); free space or write elsewhere")
+
+
+# Temporary files and folders are named `.NAME.XXXXXXXX.tmp` (NAME: what they become) and locked (flock) by
+# their writer while it runs: the lock dies with the process, so the next writer of NAME removes what a killed
+# one left behind (`_remove_stale`) without touching a live writer's file. The lock is released with its fd.
+def _temp_pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+def _claim_temp(parent: Path, name: str, folder: bool) -> tuple[Path, int]:
+    """A new temporary file or folder for NAME in `parent` and the fd that holds its lock."""
+    _remove_stale(parent, name)
+    while True:
+        if folder:
+            tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+            fd = os.open(tmp, os.O_RDONLY)
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:       # not removed by another writer's cleaning before we locked it
+                return Path(tmp), fd
+        except BlockingIOError:             # another writer is removing it: take a new name
+            pass
+        os.close(fd)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove the temporary files and folders of NAME whose writers are dead (their lock is free)."""
+    pattern = _temp_pattern(name)
+    with os.scandir(parent) as entries:
+        stale = [entry for entry in entries if pattern.fullmatch(entry.name) and not entry.is_symlink()]
+    for entry in stale:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            log.info("removed %s, left by an interrupted writer", entry.path)
+        except OSError:                     # locked by a live writer, or already gone
+            pass
+        finally:
+            os.close(fd)
+
+
+def _plain_permissions(path: Path, mode: int) -> None:
+    """mkstemp / mkdtemp make private files: give results the permissions a plain open() / mkdir() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    Readers never see a half-written file, and a crash leaves the previous version (or nothing) in place.
+    Readers never see a half-written file, and a crash leaves the previous version (or nothing) in place; a
+    full disk is one SmatError naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path, fd = _claim_temp(path.parent, path.name, folder=False)
     try:
         yield tmp_path
-        # mkstemp creates owner-only files (and some writers recreate the file with their own mode): give
-        # results the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        _plain_permissions(tmp_path, 0o666)
         os.replace(tmp_path, path)
+    except BaseException as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -60,29 +142,43 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; rename it onto `path` only if the block succeeds.
 
-    `path` must not exist or be an empty folder. A crash leaves nothing behind, and the result gets the
-    permissions a plain mkdir() would (mkdtemp makes folders private).
+    `path` must not exist or be an empty folder. A crash leaves nothing behind (a killed process: nothing
+    that the next writer of `path` keeps), and a full disk is one SmatError naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp, fd = _claim_temp(path.parent, path.name, folder=True)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        _plain_permissions(tmp, 0o777)
         os.rename(tmp, path)  # atomic; replaces `path` only if it is an empty folder
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from None
         raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch_dir(near: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to the output `near` (cluster /tmp is often small), removed afterwards; one left
+    by a killed process is removed by the next one."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp, fd = _claim_temp(near.parent, f"{near.name}.scratch", folder=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """An exclusive lock on `folder` (flock) while files that belong together are written into it, so that two
     commands writing the same outputs cannot interleave them. Advisory: every writer of the pair takes it."""
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
@@ -91,6 +187,79 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)          # closing releases the lock
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold `folder` (the --out of a long-running `command`) for this process alone: a second run into the
+    same folder is refused at once instead of interleaving its files with the first one's."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SmatError(f"{folder}: another `{command}` is running into this folder; wait for it to end, "
+                            "or choose another --out") from None
+        yield
+    except BaseException:
+        if created:                 # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+def check_outputs(outputs: Sequence[tuple[Path, str]], inputs: Sequence[Path]) -> None:
+    """SmatError, before any work, when an output would replace or write into an input, or exists as something
+    else than it will be written as (a device, a FIFO, a folder for a file).
+
+    `outputs`: (path, "file" | "folder") for everything the command writes, derived names included; a folder
+    output is written as a whole, so no input may lie inside it. `inputs`: files and folders it reads; no output
+    may be one of them (by path, symbolic link or hard link) or lie inside an input folder.
+    """
+    for i, (out, kind) in enumerate(outputs):
+        if out.exists():
+            mode = out.stat().st_mode
+            wanted = stat.S_ISDIR(mode) if kind == "folder" else stat.S_ISREG(mode)
+            if not wanted:
+                raise SmatError(f"{out}: exists and is {_file_kind(mode)}, not a {kind}; choose another output "
+                                "path")
+        for other, _ in outputs[i + 1:]:
+            if _same(out, other):
+                raise SmatError(f"{out}: the command would write two of its outputs to this one path; choose "
+                                "another output path")
+        for source in inputs:
+            if _same(out, source):
+                raise SmatError(f"{out}: is also an input of this command ({source}); an output never replaces "
+                                "an input: choose another output path")
+            if source.is_dir() and _inside(out, source):
+                raise SmatError(f"{out}: lies inside the input folder {source}; choose an output path outside it")
+            if kind == "folder" and _inside(source, out):
+                raise SmatError(f"{source}: an input inside the output folder {out}, which the command writes; "
+                                "move it elsewhere or choose another output folder")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)          # hard links
+    except OSError:                            # one of them does not exist
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+    return next((text for test, text in kinds if test(mode)), "a special file")
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -124,13 +293,14 @@ def read_json(path: str | os.PathLike) -> Any:
         raise SmatError(f"{path}: not valid JSON ({err})") from None
 
 
-def load_torch(path: str | os.PathLike, what: str, fix: str, *, weights_only: bool = True, mmap: bool = False,
-               allowed: tuple = (), name: str | None = None) -> Any:
+def load_torch(path: str | os.PathLike, what: str, fix: str, *, mmap: bool = False, allowed: tuple = (),
+               name: str | None = None) -> Any:
     """`torch.load` to the CPU with one error message for a missing or unreadable file.
 
-    `what` names the file's kind ("backbone checkpoint"), `fix` says what to do instead; `allowed` lists the
-    classes beyond tensors that `weights_only` loading may unpickle; `name` is what messages call the file
-    (e.g. the URL it was downloaded from), by default its path.
+    Always torch's restricted unpickler (`weights_only`): tensors and plain types, plus the classes of
+    `allowed`; anything else in the file (code to run) is refused. `what` names the file's kind ("backbone
+    checkpoint"), `fix` says what to do instead; `name` is what messages call the file (e.g. the URL it was
+    downloaded from), by default its path.
     """
     import torch
 
@@ -140,7 +310,7 @@ def load_torch(path: str | os.PathLike, what: str, fix: str, *, weights_only: bo
         raise SmatError(f"{name}: {what} not found; {fix}")
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many exception types for files it cannot read
         raise SmatError(f"{name}: not a readable {what} ({brief_error(err)}); {fix}") from None
 

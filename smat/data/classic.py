@@ -56,28 +56,57 @@ def _cifar(src: Path) -> dict[str, list]:
         pixels = np.asarray(data[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = list(data[labels_key])
         names = [n.decode() for n in meta[names_key]]
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise SmatError(f"{src / data_name}: not a CIFAR batch of the expected kind (missing or bad {err})") from None
     if len(labels) != len(pixels):
         raise SmatError(f"{src / data_name}: {len(pixels)} images but {len(labels)} labels")
+    if bad := [label for label in labels if not isinstance(label, (int, np.integer)) or not 0 <= label < len(names)]:
+        raise SmatError(f"{src / data_name}: label {bad[0]!r} is not a class index of {src / meta_name} "
+                        f"(0..{len(names) - 1})")
     classes: dict[str, list] = {name: [] for name in names}
     for i, (label, image) in enumerate(zip(labels, pixels)):
         classes[names[label]].append(ArrayImage(f"{src / data_name}[{i}]", image))
     return classes
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's python batches hold: dicts, lists, bytes, numbers and numpy arrays (as numpy
+    and Python pickle them at protocols 2 to 5). Any other global (a function to call, a class to build) is
+    refused, so a crafted batch cannot run code."""
+
+    ALLOWED = {(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+               for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                    ("numeric", "_frombuffer"))} | \
+        {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> Any:
-    """A CIFAR pickle (the official files are pickles: open only ones you downloaded from the publisher)."""
+    """A CIFAR pickle, through the restricted unpickler above."""
     if not path.is_file():
         raise SmatError(f"{path}: not found")
     try:
         with open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as err:
-        raise SmatError(f"{path}: not a readable pickle ({err})") from None
+            data = _CifarUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError, IndexError,
+            KeyError, MemoryError) as err:
+        raise SmatError(f"{path}: not a readable CIFAR pickle ({err})") from None
     if not isinstance(data, dict):
         raise SmatError(f"{path}: a pickle of the wrong kind ({type(data).__name__}, expected a CIFAR dict)")
     return data
+
+
+def _relative(line: str, where: str) -> str:
+    """A relative image path read from a list file, refused if it could leave the dataset's folder."""
+    parts = line.replace("\\", "/").split("/")
+    if not line or line.startswith("/") or "\0" in line or any(part in ("", ".", "..") for part in parts):
+        raise SmatError(f"{where}: {line!r} is not a relative path inside the dataset (no '..', no absolute "
+                        "path)")
+    return line
 
 
 def _idx(path: Path, magic: int) -> np.ndarray:
@@ -110,14 +139,15 @@ def _mnist(src: Path) -> dict[str, list]:
 
 
 def _listed_images(list_file: Path, image_of) -> dict[str, list]:
-    """{class: [image paths]} from a list file; `image_of(line)` gives (class, path) for one line."""
+    """{class: [image paths]} from a list file; `image_of(name)` gives (class, path) for the first field
+    of a line, checked to stay inside the dataset."""
     if not list_file.is_file():
         raise SmatError(f"{list_file}: not found")
     classes: dict[str, list] = defaultdict(list)
     for number, line in enumerate(list_file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        name, path = image_of(line.strip())
+        name, path = image_of(_relative(line.split()[0], f"{list_file}, line {number}"))
         if not path.is_file():
             raise SmatError(f"{list_file}, line {number}: image {path} not found")
         classes[name].append(path)
@@ -126,12 +156,11 @@ def _listed_images(list_file: Path, image_of) -> dict[str, list]:
 
 def _food101(src: Path) -> dict[str, list]:
     return _listed_images(src / "meta" / "test.txt",
-                          lambda line: (line.split("/")[0], src / "images" / f"{line}.jpg"))
+                          lambda name: (name.split("/")[0], src / "images" / f"{name}.jpg"))
 
 
 def _pets(src: Path) -> dict[str, list]:
-    def image_of(line: str) -> tuple[str, Path]:
-        name = line.split()[0]
+    def image_of(name: str) -> tuple[str, Path]:
         return name.rsplit("_", 1)[0], src / "images" / f"{name}.jpg"
 
     return _listed_images(src / "annotations" / "test.txt", image_of)
@@ -156,7 +185,7 @@ def _cars(src: Path) -> dict[str, list]:
                         f"({type(err).__name__}: {err})") from None
     classes: dict[str, list] = defaultdict(list)
     for fname, label in rows:
-        path = src / "cars_test" / fname
+        path = src / "cars_test" / _relative(fname, str(paths["annotations"]))
         if not path.is_file():
             raise SmatError(f"{paths['annotations']}: image {path} not found")
         classes[names[label - 1]].append(path)

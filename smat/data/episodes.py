@@ -195,10 +195,17 @@ def load_episode_file(path: str | os.PathLike, store: Store) -> tuple[list[Episo
     if split not in SPLITS:
         raise SmatError(f"{path}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     split_classes = set(store.class_ids(split))
-    episodes = []
-    for i, raw in enumerate(data["episodes"] if isinstance(data["episodes"], list) else [None]):
+    if not isinstance(data["episodes"], list) or not data["episodes"]:
+        raise SmatError(f"{path}: 'episodes' must be a non-empty list; re-create it with `smat episodes sample`")
+    episodes, first_of = [], {}
+    for i, raw in enumerate(data["episodes"]):
         if problem := _episode_problem(raw, store, split, split_classes):
             raise SmatError(f"{path}: episode {i} does not match {manifest}: {problem}")
+        # A repeated episode counts twice in the mean and narrows its CI: an edited or corrupted file.
+        key = (tuple(raw["classes"]), tuple(map(tuple, raw["support"])), tuple(map(tuple, raw["query"])))
+        if (first := first_of.setdefault(key, i)) != i:
+            raise SmatError(f"{path}: episode {i} repeats episode {first}; re-create the file with "
+                            "`smat episodes sample`")
         episodes.append(Episode(classes=raw["classes"], support=raw["support"], query=raw["query"]))
     return episodes, {k: v for k, v in data.items() if k != "episodes"}
 
@@ -210,14 +217,16 @@ def _episode_problem(raw: Any, store: Store, split: str, split_classes: set[int]
     if not (_int_list(classes) and isinstance(support, list) and isinstance(query, list)
             and len(support) == len(query) == len(classes) and len(set(classes)) == len(classes)):
         return "classes must be distinct integers with one support and one query list each"
+    if len(classes) < 2:
+        return f"{len(classes)} way(s): an episode needs at least 2 classes (a 1-way task is always right)"
     for c, s, q in zip(classes, support, query):
         if not 0 <= c < len(store.classes):
             return f"class id {c} out of range (the store has {len(store.classes)} classes)"
         if c not in split_classes:
             info = store.classes[c]
             return f"class {c} ({info.name!r}) is a {info.split} class, not a {split} class"
-        if not (_int_list(s) and _int_list(q) and s):
-            return f"class {c}: support and query must be lists of image ids (support non-empty)"
+        if not (_int_list(s) and _int_list(q) and s and q):
+            return f"class {c}: support and query must be non-empty lists of image ids"
         ids = s + q
         if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= store.classes[c].n_images:
             return (f"class {c} ({store.classes[c].name!r}): image ids must be distinct and in "

@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from dataclasses import asdict, dataclass
@@ -60,6 +61,8 @@ class Store:
         if problems := manifest_problems(manifest):
             raise SmatError(f"{manifest_path}: invalid store manifest: {'; '.join(problems)}; "
                             "re-create the store with `smat data convert`")
+        if "manifest_sha256" in manifest and (problem := _self_hash_problem(manifest)):   # older stores lack it
+            raise SmatError(f"{manifest_path}: {problem}")
         self.manifest = manifest
         self.domain: str = manifest["domain"]
         self.image_size: int = manifest["image_size"]
@@ -156,6 +159,8 @@ def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domai
     store format, whatever the source format. Classes with fewer than `min_images` (readable) images are
     left out and listed in the manifest; `details` go into its provenance."""
     out = Path(out)
+    if problem := domain_problem(domain):
+        raise SmatError(f"{source}: {problem}; pass --domain NAME")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SmatError(f"{out}: already exists; remove it to convert again")
     excluded = [_exclude(c.name, f"{len(c.images)} images < min_images {min_images}")
@@ -186,6 +191,7 @@ def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domai
             "source": str(Path(source).resolve()),
             "provenance": provenance(**(details or {}), min_images=min_images, skip_bad=skip_bad),
         }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json(tmp / "manifest.json", manifest)
     n_images = sum(c.n_images for c in written)
     log.info("%s: %d classes, %d images of %dx%d px -> %s", domain, len(written), n_images, size, size, out)
@@ -201,6 +207,8 @@ def check_store(root: str | os.PathLike) -> list[str]:
         return [str(err)]
     if problems := manifest_problems(manifest):
         return [f"manifest.json: {p}" for p in problems]
+    if problem := _self_hash_problem(manifest):
+        return [f"{root / 'manifest.json'}: {problem}"]
     try:
         _open_images(root, sum(c["n_images"] for c in manifest["classes"]), manifest["image_size"])
     except SmatError as err:
@@ -222,8 +230,8 @@ def manifest_problems(manifest: Any) -> list[str]:
     if missing := [k for k in required if k not in manifest]:
         return [f"missing key(s) {', '.join(missing)}"]
     problems = []
-    if not isinstance(manifest["domain"], str) or not manifest["domain"]:
-        problems.append(f"domain {manifest['domain']!r} is not a non-empty string")
+    if problem := domain_problem(manifest["domain"]):
+        problems.append(problem)
     if not _is_int(manifest["image_size"]) or manifest["image_size"] < 1:
         problems.append(f"image_size {manifest['image_size']!r} is not a positive integer")
     hierarchy = manifest["hierarchy"]
@@ -264,6 +272,33 @@ def manifest_problems(manifest: Any) -> list[str]:
     return problems
 
 
+# A domain names files (a training run's val_episodes/DOMAIN.json): a plain name, never a path.
+_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def domain_problem(domain: Any) -> str | None:
+    if isinstance(domain, str) and _DOMAIN.fullmatch(domain):
+        return None
+    return (f"domain {domain!r} is not a plain name (letters, digits and . _ + -, starting with a letter or "
+            "digit, at most 128 characters)")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content without its own hash (key order and white space do not count)."""
+    return stable_hash({k: v for k, v in manifest.items() if k != "manifest_sha256"}, length=64)
+
+
+def _self_hash_problem(manifest: dict[str, Any]) -> str | None:
+    recorded = manifest.get("manifest_sha256")
+    if recorded is None:
+        return ("no manifest_sha256: written by an older smat, so edits cannot be detected; re-create the store "
+                "with `smat data convert`")
+    if recorded != manifest_digest(manifest):
+        return ("content differs from its manifest_sha256 (edited after conversion: classes, splits or counts "
+                "may have changed); re-create the store with `smat data convert`")
+    return None
+
+
 def _open_images(root: Path, n_images: int, image_size: int) -> np.ndarray:
     path = root / "images.npy"
     try:
@@ -289,19 +324,37 @@ def _exclude(name: str, reason: str) -> dict[str, str]:
 
 
 def _class_folders(src: Path) -> dict[str, list[Path]]:
-    """{class name: image files sorted by file name} for every non-hidden sub-folder of `src`."""
+    """{class name: image files sorted by file name} for every non-hidden sub-folder of `src`.
+
+    A folder or image reached twice (symbolic or hard links) is refused: it would be two identical classes,
+    or one image that is both support and query."""
     folders = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise SmatError(f"{src}: no class folders found (expected one sub-folder of images per class)")
-    files = {}
+    files, seen = {}, {}
     for folder in folders:
-        images = sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                         and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+        _check_unique(folder, seen, "class folder")
+        images = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file() or \
+                        Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                _check_unique(Path(entry.path), seen, "image")
+                images.append(Path(entry.path))
         if not images:
             raise SmatError(f"{folder}: class folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                             "add images or remove the folder")
-        files[folder.name] = images
+        files[folder.name] = sorted(images, key=lambda p: p.name)
     return files
+
+
+def _check_unique(path: Path, seen: dict[tuple[int, int], Path], what: str) -> None:
+    info = path.stat()
+    first = seen.setdefault((info.st_dev, info.st_ino), path)
+    if first != path:
+        raise SmatError(f"{path}: the same {what} as {first} (a symbolic or hard link); every class and image "
+                        "must appear once: remove the link or copy the data")
 
 
 def _read_splits(path: Path, src: Path, class_names: list[str]) -> tuple[dict[str, str], dict | None, dict | None]:
@@ -361,7 +414,8 @@ def _names(names: list[str], limit: int = 10) -> str:
 # Transparent pixels are composited onto white: strokes drawn on a transparent background (the usual
 # PNG of a glyph or sketch) then look as they do on paper, as Omniglot's and QuickDraw's images are.
 BACKGROUND = (255, 255, 255)
-_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _open(item: Any) -> Image.Image:
@@ -370,9 +424,9 @@ def _open(item: Any) -> Image.Image:
 
 
 def _decode(item: Any, image_size: int | None) -> np.ndarray:
-    """RGB uint8 pixels of an image, upright (EXIF orientation), alpha on white, 16-bit scaled to 8;
-    with `image_size`, the shorter side resized to it and the centre cropped (torchvision's Resize +
-    CenterCrop), so that the aspect ratio is kept."""
+    """RGB uint8 pixels of an image, upright (EXIF orientation), alpha on white, wide samples scaled from
+    their range (`_to_rgb`); with `image_size`, the shorter side resized to it and the centre cropped
+    (torchvision's Resize + CenterCrop), so that the aspect ratio is kept."""
     with _open(item) as image:
         image.load()
         rgb = _to_rgb(ImageOps.exif_transpose(image))
@@ -382,14 +436,53 @@ def _decode(item: Any, image_size: int | None) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _WIDE_GREY:      # convert("RGB") would clip 16-bit values at 255: almost all white
-        grey = np.round(np.asarray(image, dtype=np.float64).clip(0, 65535) / 257).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    """8-bit RGB from any PIL mode, each by the range its samples really have (METHOD, "Image decoding"):
+    float (F) as intensities in [0, 1], integers (I, I;16*) from 0 to the maximum of their type, NaN,
+    infinity and values outside the range refused (ValueError: an unreadable image)."""
+    if image.mode == "F":
+        return _grey(np.asarray(image, dtype=np.float64), 1.0, "F (32-bit float)")
+    if image.mode in _UINT16_MODES:   # convert("RGB") would clip 16-bit values at 255: almost all white
+        return _grey(np.asarray(image, dtype=np.float64), 65535, f"{image.mode} (16-bit)")
+    if image.mode == "I":
+        values, top, what = _int32_samples(image)
+        return _grey(values, top, what)
+    if image.mode == "La":            # premultiplied alpha: PIL converts it only to LA
+        image = image.convert("LA")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image.convert("RGB")      # 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV: PIL's conversions
+
+
+def _int32_samples(image: Image.Image) -> tuple[np.ndarray, int, str]:
+    """(values, maximum of the type, description) of a mode-I image. PIL holds 32-bit TIFFs in mode I (their
+    BitsPerSample and SampleFormat tags give the type), and also the 16-bit samples of PGM / PPM (and of PNG
+    in older Pillow), which it scales to 0..65535."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is None or 258 not in tags:
+        return np.asarray(image, dtype=np.float64), 65535, "I (16-bit samples)"
+    bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])
+    sample_format = tags.get(339, (1,))
+    signed = int(sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
+    values = np.asarray(image)
+    if not signed and bits == 32:     # PIL reads uint32 samples into int32
+        values = values.view(np.uint32)
+    top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    return values.astype(np.float64), top, f"I ({'signed' if signed else 'unsigned'} {bits}-bit integer)"
+
+
+def _grey(values: np.ndarray, top: float, what: str) -> Image.Image:
+    """Grey RGB image of samples in [0, top], scaled to 0..255."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"mode {what} image holds {'NaN' if np.isnan(values).any() else 'infinite'} pixel "
+                         "values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0 or high > top:
+        raise ValueError(f"mode {what} pixel values span [{low:g}, {high:g}], outside the type's range "
+                         f"[0, {top:g}]; rescale the image, or save it as 8- or 16-bit")
+    grey = np.round(values / (top / 255)).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:

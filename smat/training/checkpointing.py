@@ -76,9 +76,10 @@ def save_resume(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_resume(path: Path) -> dict[str, Any]:
-    # Our own file in the run directory; "smat-resume/1" held numpy RNG state, which needs the full unpickler.
+    # Plain types and tensors only, like every torch file read: a planted resume.pt cannot run code. (A
+    # "smat-resume/1" state with numpy RNG state in it fails to load here; one without is named below.)
     fix = "delete it to restart the run"
-    record = load_torch(path, "resume state", fix, weights_only=False)
+    record = load_torch(path, "resume state", fix)
     if isinstance(record, dict) and record.get("format") in OLD_RESUME_FORMATS:
         raise SmatError(f"{path}: a resume state of an older smat ({record['format']}), whose training drew its "
                         f"random numbers per process, not per task (METHOD §11); it cannot be continued: {fix}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
+from smat.config import nonfinite_keys
 from smat.experiment import model_set
 
 # The project checkout: relative config paths that do not exist in the working directory are looked up here.
@@ -36,6 +37,14 @@ EMBEDDED_RAW = "resources/raw/embedded"
 
 def check_config():
     """Cross-key rules that JSON-Schema cannot express; runs before any job starts."""
+    nonfinite = nonfinite_keys(config)
+    if nonfinite:
+        raise WorkflowError(f"{nonfinite[0]}: not a finite number; every numeric setting must be finite")
+    if config["episodes"]["hps"]["seed"] == config["episodes"]["test"]["seed"]:
+        raise WorkflowError(
+            f"config: episodes.hps.seed equals episodes.test.seed ({config['episodes']['test']['seed']}): the "
+            "fine-tuning lr would be chosen on the test episodes themselves; give hps another seed"
+        )
     if not ID_DATASETS:
         raise WorkflowError(
             "config: datasets has no dataset with role 'id'; meta-training needs at least one "
