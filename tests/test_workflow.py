@@ -1,7 +1,7 @@
 """The Snakemake workflow: a real end-to-end run of the tiny CI config (killed during meta-tuning, unlocked
 and run again), a user-added image-folder dataset flowing into every table, config validation, the paper DAG
-without data, and the syntax of the conda environment and the profiles. Lint and format:
-tests/test_snakefmt.py."""
+without data, and the profiles. Lint and format: tests/test_snakefmt.py; the conda environment:
+tests/test_conda_env.py."""
 
 from __future__ import annotations
 
@@ -404,15 +404,6 @@ def test_paper_dag_on_the_documented_data_layout_converts_every_dataset(tmp_path
     assert f"--image-size {sizes} " in dry.stdout
     for rule in ("meta_tune", "select_lr", "evaluate", "table1", "table2"):
         assert f"rule {rule}:" in dry.stdout or f"localrule {rule}:" in dry.stdout, rule
-
-
-def test_conda_environment_installs_this_project():
-    env = yaml.safe_load((ROOT / "envs" / "smat.yaml").read_text())
-    assert "conda-forge" in env["channels"]
-    assert any(str(d).startswith("python") for d in env["dependencies"])
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    editable = next(p for p in pip if p.startswith("-e "))
-    assert ((ROOT / "envs" / editable.split()[1]).resolve() / "pyproject.toml").is_file()
 
 
 PROFILES = {name: ROOT / "workflow" / "profiles" / name / "config.yaml" for name in ("local", "slurm", "paper")}
