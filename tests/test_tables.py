@@ -246,3 +246,32 @@ def test_cli_writes_tables_and_reports_errors(tmp_path, capsys):
     assert main(["tables", "table1", "--eval", str(tmp_path / "nope.csv"), "--id-datasets", "a",
                  "--out-dir", str(tmp_path / "t")]) == 2
     assert "nope.csv: file not found" in capsys.readouterr().err
+
+
+def test_table_footers_give_the_episodes_behind_each_column(tmp_path, table1_inputs):
+    """Columns of one episode count are named together; a column whose datasets differ lists each."""
+    out = tmp_path / "tables"
+    make_table("table1", table1_inputs, id_datasets=["b", "a"], ood_datasets=["c"], out_dir=out)
+    footer = (out / "table1.md").read_text().strip().splitlines()[-1]
+    assert footer.startswith("Accuracy (%), mean ± 95% CI over the test episodes;")
+    assert ("Test episodes per dataset: Pre, PMF, SMAT, SMAT+full: b 4, a 3, c 2; PMF+LoRA: a 3, c 2."
+            in footer)
+    assert footer in (out / "table1.tex").read_text()
+
+    make_table("table2", table1_inputs, id_datasets=["b", "a"], ood_datasets=["c"], out_dir=out)
+    footer = (out / "table2.md").read_text().strip().splitlines()[-1]
+    assert "(no CI shown)" in footer and "Test episodes per dataset: SMAT, PMF, Pre: b 4, a 3, c 2." in footer
+
+
+def test_a_table_of_single_episodes_claims_no_confidence_interval(tmp_path):
+    files = [write_eval(tmp_path / "pre.csv", "Pre", "pre", {"a": [60.0], "c": [70.0]}, switches=(None,) * 4),
+             write_eval(tmp_path / "pmf.csv", "PMF", "pmf", {"a": [65.0, 75.0], "c": [72.0]}, switches=OFF)]
+    make_table("table1", files, id_datasets=["a"], ood_datasets=["c"], out_dir=tmp_path / "one")
+    text = (tmp_path / "one" / "table1.md").read_text()
+    assert "| a | 60.00 | **70.00 ± 9.80** |" in text      # one episode: a bare mean; two: with its CI
+    assert "a mean without ± is over one episode (no CI)" in text
+    assert "Test episodes per dataset: Pre: 1; PMF: a 2, c 1." in text
+
+    make_table("table1", files[:1], id_datasets=["a"], ood_datasets=["c"], out_dir=tmp_path / "none")
+    text = (tmp_path / "none" / "table1.md").read_text()
+    assert "±" not in text and "no CI: one episode per dataset" in text

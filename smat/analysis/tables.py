@@ -4,7 +4,10 @@ Each table is written as a tidy CSV (machine readable), Markdown and a LaTeX boo
 `<name>.provenance.json` naming the inputs; all files of one table appear together or not at all.
 
 Choices (METHOD §3.4, §6):
-* cell = mean ± 95% CI over the episodes of one CSV, CI = 1.96·std/√n (unbiased std);
+* cell = mean ± 95% CI over the episodes of one CSV, CI = 1.96·std/√n (unbiased std); one episode has no
+  CI and its mean is shown without "±";
+* the footer gives the number of test episodes behind each column (per dataset where they differ), as the
+  modes with fine-tuning may be evaluated on fewer episodes than those without;
 * ID Avg / OOD Avg = mean of the per-dataset means; its CI is the propagated one, √(Σ CI_d²)/k, which
   treats the k datasets as fixed and their episodes as independent. An average is left empty when the column
   lacks one of the block's datasets (a partial average would not be comparable with the others);
@@ -159,14 +162,42 @@ def table1_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     n_plain = sum(not n.endswith(("+full", "+LoRA")) for n in names)
     groups = [(title, width) for title, width in (("w/o fine-tuning", n_plain),
                                                   ("with fine-tuning", len(names) - n_plain)) if width]
-    note = ("Accuracy (%), mean ± 95% CI over test episodes; averages are means of the per-dataset means "
-            "with propagated CI; bold = best per row among columns without / with fine-tuning.")
+    note = f"{table1_note(tidy)} {episodes_note(tidy)}"
     return {
         "csv": tidy,
         "md": markdown(header, rows, notes=[note]),
         "tex": latex(header, rows, align="l" + "c" * len(names), groups=groups, rules_after=rules_after,
                      comments=[note]),
     }
+
+
+def table1_note(tidy: pd.DataFrame) -> str:
+    """What a cell is; "±" only where some cell has a CI (a dataset with one episode has none)."""
+    cells = tidy[(tidy["kind"] == "dataset") & (tidy["n"] > 0)]
+    with_ci = cells["ci95"].notna()
+    if not with_ci.any():
+        what = "Accuracy (%), mean over the test episodes (no CI: one episode per dataset)"
+    elif with_ci.all():
+        what = "Accuracy (%), mean ± 95% CI over the test episodes"
+    else:
+        what = ("Accuracy (%), mean ± 95% CI over the test episodes; a mean without ± is over one episode "
+                "(no CI)")
+    return (f"{what}; averages are means of the per-dataset means, with propagated CI; bold = best per row "
+            "among columns without / with fine-tuning.")
+
+
+def episodes_note(tidy: pd.DataFrame, column: str = "column") -> str:
+    """The number of test episodes behind each column's cells: one number per column when all its datasets
+    have the same, else one per dataset; columns with the same counts are named together."""
+    cells = tidy[(tidy["kind"] == "dataset") & (tidy["n"] > 0)] if "kind" in tidy else tidy[tidy["n"] > 0]
+    groups: dict[str, list[str]] = {}
+    for name, rows in cells.groupby(column, sort=False):
+        counts = rows["n"].astype(int)
+        text = str(counts.iloc[0]) if counts.nunique() == 1 else \
+            ", ".join(f"{d} {n}" for d, n in zip(rows["row"], counts))
+        groups.setdefault(text, []).append(str(name))
+    return "Test episodes per dataset: " + "; ".join(f"{', '.join(names)}: {text}"
+                                                      for text, names in groups.items()) + "."
 
 
 # --------------------------------------------------------------------------------------------- Table 2
@@ -214,8 +245,13 @@ def table2_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     rows = [[Cell(r["label"]), *[Cell("✓" if r[s] else "✗") for s in SWITCH_NAMES],
              *[Cell(format_mean_ci(r[c], math.nan)) for c in ("id", "ood", "avg")]]
             for r in tidy.to_dict("records")]
-    note = (f"Accuracy (%) without fine-tuning: ID = mean over {len(id_datasets)} ID datasets, OOD = mean over "
-            f"{len(ood_datasets)} OOD datasets, AVG = mean over all {len(id_datasets) + len(ood_datasets)}.")
+    plain = results[(results["finetune"] == "none") & results["dataset"].isin([*id_datasets, *ood_datasets])]
+    counts = summarise(plain, by=("label", "dataset")).rename(columns={"dataset": "row"})
+    order = {name: i for i, name in enumerate([*tidy["label"], *id_datasets, *ood_datasets])}
+    counts = counts.sort_values(["label", "row"], key=lambda names: names.map(order))
+    note = (f"Accuracy (%) without fine-tuning, means of the per-dataset mean accuracies (no CI shown): ID = mean over {len(id_datasets)} ID datasets, OOD = mean over "
+            f"{len(ood_datasets)} OOD datasets, AVG = mean over all {len(id_datasets) + len(ood_datasets)}. "
+            f"{episodes_note(counts, column='label')}")
     return {"csv": tidy, "md": markdown(header, rows, notes=[note]),
             "tex": latex(header, rows, align="l" + "c" * 7, comments=[note])}
 
