@@ -138,3 +138,14 @@ def test_post_deploy_installs_this_checkout_into_the_environment_snakemake_creat
     version = subprocess.run([bin_dir / "smat", "--version"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
     assert version.returncode == 0 and version.stdout.startswith("smat "), version.stderr
+
+
+def test_the_cpu_install_of_readme_and_ci_names_the_locked_torch():
+    """README's Quick start and .ci/run install the CPU build of the lock's torch and torchvision, then the lock."""
+    lock = lock_pins()
+    wanted = f"torch=={lock['torch']}+cpu torchvision=={lock['torchvision']}+cpu"
+    for path in (ROOT / "README.md", ROOT / ".ci" / "run"):
+        text = path.read_text()
+        assert re.search(r"pip install (--quiet )?" + re.escape(wanted), text), path
+        assert "--index-url https://download.pytorch.org/whl/cpu" in text, path
+        assert re.search(r'pip install (--quiet )?-c requirements-lock.txt -e "\.\[test\]"', text), path
