@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def data(tmp_path_factory):
 
 
 def one_line_error(capsys, args: list[str]) -> str:
+    """The command's one-line error (exit 2); progress bars (tqdm, on stderr) aside."""
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err.strip()) if line and "%|" not in line]
     assert len(err) == 1 and err[0].startswith("smat: error: "), err
     return err[0]
 

@@ -166,11 +166,11 @@ def write_episode_file(out: str | os.PathLike, store: Store, split: str, seed: i
     }, indent=None)
 
 
-def _sample(store: Store, split: str, n: int, seed: int, ways: int | None, shots: int | None, queries: int | None
-            ) -> tuple[EpisodeSampler, list[Episode]]:
+def _sample(store: Store, split: str, n: int, seed: int, ways: int | None, shots: int | None, queries: int | None,
+            config: SamplerConfig = SamplerConfig()) -> tuple[EpisodeSampler, list[Episode]]:
     if n < 1:
         raise SmatError(f"--n {n}: need at least one episode")
-    sampler = make_sampler(store, split, ways=ways, shots=shots, queries=queries)
+    sampler = make_sampler(store, split, config, ways=ways, shots=shots, queries=queries)
     rng = np.random.default_rng(seed)
     return sampler, [sampler.sample(rng) for _ in range(n)]
 
@@ -197,17 +197,31 @@ def load_episode_file(path: str | os.PathLike, store: Store) -> tuple[list[Episo
     split_classes = set(store.class_ids(split))
     if not isinstance(data["episodes"], list) or not data["episodes"]:
         raise SmatError(f"{path}: 'episodes' must be a non-empty list; re-create it with `smat episodes sample`")
-    episodes, first_of = [], {}
+    episodes, first_of, repeat = [], {}, None
     for i, raw in enumerate(data["episodes"]):
         if problem := _episode_problem(raw, store, split, split_classes):
             raise SmatError(f"{path}: episode {i} does not match {manifest}: {problem}")
-        # A repeated episode counts twice in the mean and narrows its CI: an edited or corrupted file.
         key = (tuple(raw["classes"]), tuple(map(tuple, raw["support"])), tuple(map(tuple, raw["query"])))
-        if (first := first_of.setdefault(key, i)) != i:
-            raise SmatError(f"{path}: episode {i} repeats episode {first}; re-create the file with "
-                            "`smat episodes sample`")
+        if (first := first_of.setdefault(key, i)) != i and repeat is None:
+            repeat = (i, first)
         episodes.append(Episode(classes=raw["classes"], support=raw["support"], query=raw["query"]))
+    # A repeated episode counts twice in the mean and narrows its CI. The sampler draws one by chance from a
+    # small pool, so a repeat is accepted only in a file that its seed and sampler reproduce: not an edited one.
+    if repeat and not _drawn_by_seed(data, store, episodes):
+        raise SmatError(f"{path}: episode {repeat[0]} repeats episode {repeat[1]}, and the file is not what its seed "
+                        "and sampler draw (edited?); re-create it with `smat episodes sample`")
     return episodes, {k: v for k, v in data.items() if k != "episodes"}
+
+
+def _drawn_by_seed(data: dict[str, Any], store: Store, episodes: list[Episode]) -> bool:
+    """Whether the file's seed and sampler settings draw exactly `episodes` (as `sample_to_file` does)."""
+    sampler = data["sampler"] if isinstance(data["sampler"], dict) else {}
+    try:
+        drawn = _sample(store, data["split"], len(episodes), data["seed"], sampler.get("ways"), sampler.get("shots"),
+                        sampler.get("queries"), SamplerConfig(**sampler.get("config", {})))[1]
+    except (SmatError, TypeError, ValueError):
+        return False
+    return drawn == episodes
 
 
 def _episode_problem(raw: Any, store: Store, split: str, split_classes: set[int]) -> str | None:

@@ -429,13 +429,14 @@ def _decode(item: Any, image_size: int | None) -> np.ndarray:
     (torchvision's Resize + CenterCrop), so that the aspect ratio is kept."""
     with _open(item) as image:
         image.load()
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        # The TIFF tags that say how wide integer samples are belong to the file, not to the turned copy.
+        rgb = _to_rgb(ImageOps.exif_transpose(image), getattr(image, "tag_v2", None))
     if image_size is not None and rgb.size != (image_size, image_size):
         rgb = _resize_and_centre_crop(rgb, image_size)
     return np.asarray(rgb)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, tiff_tags: Any = None) -> Image.Image:
     """8-bit RGB from any PIL mode, each by the range its samples really have (METHOD, "Image decoding"):
     float (F) as intensities in [0, 1], integers (I, I;16*) from 0 to the maximum of their type, NaN,
     infinity and values outside the range refused (ValueError: an unreadable image)."""
@@ -444,7 +445,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _UINT16_MODES:   # convert("RGB") would clip 16-bit values at 255: almost all white
         return _grey(np.asarray(image, dtype=np.float64), 65535, f"{image.mode} (16-bit)")
     if image.mode == "I":
-        values, top, what = _int32_samples(image)
+        values, top, what = _int32_samples(image, tiff_tags)
         return _grey(values, top, what)
     if image.mode == "La":            # premultiplied alpha: PIL converts it only to LA
         image = image.convert("LA")
@@ -455,11 +456,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")      # 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV: PIL's conversions
 
 
-def _int32_samples(image: Image.Image) -> tuple[np.ndarray, int, str]:
+def _int32_samples(image: Image.Image, tags: Any) -> tuple[np.ndarray, int, str]:
     """(values, maximum of the type, description) of a mode-I image. PIL holds 32-bit TIFFs in mode I (their
     BitsPerSample and SampleFormat tags give the type), and also the 16-bit samples of PGM / PPM (and of PNG
     in older Pillow), which it scales to 0..65535."""
-    tags = getattr(image, "tag_v2", None)
     if tags is None or 258 not in tags:
         return np.asarray(image, dtype=np.float64), 65535, "I (16-bit samples)"
     bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])

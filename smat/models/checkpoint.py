@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from smat.io import (SmatError, atomic_path, brief_error, first_nonfinite, load_torch, load_torch_record,
-                     sha256_file)
+                     scratch_dir, sha256_file)
 from smat.models.backbones import BACKBONES, Backbone, backbone_spec, create_backbone
 from smat.models.dino_keys import convert_to_timm
 from smat.progress import progress_bar
@@ -48,10 +47,9 @@ def fetch(source: str, out: Path, sha256: str | None = None, arch: str | None = 
     known_arch, pinned = _registry_source(source)
     arch = arch or known_arch
     expected = (sha256 or pinned or "").lower() or None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Downloads go next to `out` (cluster /tmp is often small) and vanish with the directory.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fetch-", dir=out.parent) as tmp:
-        path = _obtain(source, Path(tmp), arch)
+    # Downloads go next to `out` (cluster /tmp is often small) and vanish with the folder.
+    with scratch_dir(out) as tmp:
+        path = _obtain(source, tmp, arch)
         digest = sha256_file(path)
         if expected and digest != expected:
             raise SmatError(f"{source}: sha256 mismatch: expected {expected}, got {digest}. The file is "
@@ -62,7 +60,7 @@ def fetch(source: str, out: Path, sha256: str | None = None, arch: str | None = 
     arch = arch or _infer_arch(state_dict, source)
     problems = _mismatches(state_dict, arch)
     if problems:
-        raise SmatError(f"{source}: weights do not fit backbone {arch}:\n  " + "\n  ".join(problems))
+        raise SmatError(f"{source}: weights do not fit backbone {arch}: " + "; ".join(problems))
     spec = backbone_spec(arch)
     grid = _grid(state_dict["pos_embed"].shape[1], source)
     meta = {**notes, "image_size": grid * spec["patch_size"]}
@@ -125,7 +123,7 @@ def load_pretrained(path: Path, image_size: int | None = None) -> tuple[Backbone
                                                          antialias=False)
     problems = _mismatches(state_dict, record["arch"], image_size=backbone.image_size)
     if problems:
-        raise SmatError(f"{path}: weights do not fit backbone {record['arch']}:\n  " + "\n  ".join(problems))
+        raise SmatError(f"{path}: weights do not fit backbone {record['arch']}: " + "; ".join(problems))
     backbone.vit.load_state_dict(state_dict, strict=True)
     return backbone, {k: v for k, v in record.items() if k != "state_dict"}
 
@@ -217,19 +215,25 @@ def _grid(n_tokens: int, where: Any) -> int:
 
 
 def _mismatches(state_dict: dict[str, torch.Tensor], arch: str, image_size: int | None = None) -> list[str]:
-    """Missing, unexpected and wrongly shaped keys against `arch` (pos_embed length only with `image_size`)."""
+    """Missing, unexpected, wrongly shaped and non-float keys against `arch` (pos_embed length only with
+    `image_size`); load_state_dict would cast integer tensors silently."""
     expected = _expected_shapes(arch, image_size)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    not_float = sorted(f"{key} ({getattr(value, 'dtype', type(value).__name__)})" for key, value in state_dict.items()
+                       if key in expected and not (torch.is_tensor(value) and value.is_floating_point()))
     wrong_shape = []
     for key in sorted(set(expected) & set(state_dict)):
+        if not torch.is_tensor(state_dict[key]):
+            continue
         shape, want = tuple(state_dict[key].shape), tuple(expected[key])
         if key == "pos_embed" and image_size is None:
             shape, want = shape[::2], want[::2]  # any grid: it is resampled at load time
         if shape != want:
             wrong_shape.append(f"{key} {tuple(state_dict[key].shape)} instead of {tuple(expected[key])}")
     return [f"{what} ({len(items)}): {_first(items)}" for what, items in
-            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)) if items]
+            (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape),
+             ("not floating-point tensors", not_float)) if items]
 
 
 @functools.lru_cache(maxsize=None)

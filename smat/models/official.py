@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from smat.config import to_dict
-from smat.io import SmatError, atomic_path, load_torch, provenance, sha256_file
+from smat.io import SmatError, atomic_path, first_nonfinite, load_torch, provenance, sha256_file
 from smat.methods.base import backbone_parameters
 from smat.methods.registry import build_model
 from smat.models.backbones import BACKBONES, POS_EMBED_PER_FORWARD, backbone_spec, create_backbone
@@ -384,6 +384,10 @@ def _check_backbone(theta: dict[str, Tensor], backbone, path: Path) -> None:
         problems = sorted(set(want) ^ set(got)) + [f"{n} {got[n]} vs {want[n]}" for n in want
                                                    if n in got and got[n] != want[n]]
         raise SmatError(f"{path}: backbone weights do not fit the ViT they describe: {_first(problems)}")
+    if not_float := [name for name, t in theta.items() if not t.is_floating_point()]:
+        # load_state_dict would cast them silently
+        raise SmatError(f"{path}: backbone tensor {not_float[0]} holds {theta[not_float[0]].dtype} values, not "
+                        "floating-point weights")
 
 
 def _flat_log_alpha(log_alpha: dict[str, Tensor], names: list[str], experts: int) -> Tensor:
@@ -462,8 +466,12 @@ def read_pmf(path: Path) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, A
         raise SmatError(f"{path}: model holds {_first(unexpected) or 'no bias'}; a PMF ProtoNet state dict has "
                         f"only scale_cls, bias and backbone.* (METHOD §2.3)")
     for key in ("scale_cls", "bias"):
-        if model[key].numel() != 1:
-            raise SmatError(f"{path}: model.{key} has shape {_shape(model[key])}, expected one value")
+        if model[key].numel() != 1 or not model[key].is_floating_point():
+            raise SmatError(f"{path}: model.{key} has shape {_shape(model[key])} and dtype {model[key].dtype}, "
+                            "expected one floating-point value")
+    if not model["scale_cls"].item() > 0:    # scale · (cos + bias): a scale <= 0 (or NaN) inverts or erases it
+        raise SmatError(f"{path}: model.scale_cls is {model['scale_cls'].item()}; PMF's classifier scale must be "
+                        "positive")
     theta = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
     args = obj.get("args")
     facts = {"container": "PMF main.py checkpoint: model, optimizer, lr_scheduler, epoch, model_ema, args, scalar",
@@ -508,8 +516,12 @@ def _save(out: Path, model, config: dict, backbone: dict, progress: dict, import
           facts: dict[str, Any]) -> None:
     """The "smat-model/1" record of `smat.training.checkpointing`, with where it came from; written atomically."""
     imported = {"importer": importer, "source": str(source), "source_sha256": sha256_file(source), "layout": facts}
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if bad := first_nonfinite(state_dict):
+        raise SmatError(f"{source}: tensor {bad} of the imported model holds NaN or infinity; not a usable "
+                        "checkpoint")
     record = {"format": MODEL_FORMAT, "method": model.method, "config": config, "backbone": backbone,
-              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "state_dict": state_dict,
               "progress": progress, "provenance": json.loads(json.dumps(provenance(imported=imported), default=str))}
     with atomic_path(out) as tmp:
         torch.save(record, tmp)
