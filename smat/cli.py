@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True,
                        help="YAML of meta-tuning settings (config/training/*.yaml; METHOD §8)")
     train.add_argument("--store", nargs="+", required=True, help="ID stores (train classes; val for selection)")
-    train.add_argument("--pretrained", required=True, help="backbone checkpoint θ_pre (`smat fetch` / `smat pretrain`)")
+    train.add_argument("--pretrained", required=True,
+                       help="backbone checkpoint θ_pre (`smat fetch` / `smat pretrain`)")
     train.add_argument("--out", required=True, help="model folder to write")
 
     # One or more datasets per call, so the model is loaded once: --episodes, --store and --out (and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -144,6 +145,10 @@ def test_pareto_points_and_figure(tmp_path, sweep):
     for label, (id_mean, ood_mean) in expected.items():
         row = points[points["label"] == label].iloc[0]
         assert row["id"] == pytest.approx(id_mean) and row["ood"] == pytest.approx(ood_mean)
+        assert 0 < row["id_ci95"] < 3 and 0 < row["ood_ci95"] < 3
+    pre = points[points["label"] == "Pre"].iloc[0]          # [60, 62] on every dataset: CI 1.96·√2/√2 each
+    assert pre["id_ci95"] == pytest.approx(1.96 * math.sqrt(len(ID)) / len(ID))
+    assert math.isnan(points[points["label"] == "PMF"].iloc[0]["ood_ci95"])     # one episode: no CI
     front = set(points.iloc[pareto_front(points[["id", "ood"]].to_numpy())]["label"])
     assert front == {"SMAT 0.5 2", "SMAT 0.9 2", "SMAT 0.99 4"}        # PMF (79, 55) is dominated by (80, 60)
 

@@ -1,15 +1,18 @@
 """ID-vs-OOD trade-off over τ and |M| (METHOD §5.1, Fig. 4a): one point per model, Pareto front drawn.
 
 x = mean ID accuracy, y = mean OOD accuracy, each the mean of the per-dataset mean accuracies over the
-listed datasets, from eval CSVs without fine-tuning. SMAT models are coloured by τ and marked by |M|; the
-other methods (Pre, PMF, SoftMerge, ...) are hollow reference points named in the legend. The front is
-taken over all points.
+listed datasets, from eval CSVs without fine-tuning, with its 95% CI as error bars on both axes: the CI of a
+mean of k per-dataset means, √(Σ CI_d²)/k, as in the tables (none where a dataset has a single episode).
+SMAT models are coloured by τ and marked by |M|; the other methods (Pre, PMF, SoftMerge, ...) are hollow
+reference points named in the legend. The front is taken over all points.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -39,14 +42,16 @@ def pareto_front(points: np.ndarray) -> np.ndarray:
 
 
 def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> pd.DataFrame:
-    """One row per model: label, method, tau, experts, id and ood mean accuracy."""
+    """One row per model: label, method, tau, experts, id and ood mean accuracy with their 95% CIs (id_ci95,
+    ood_ci95: √(Σ CI_d²)/k over the k datasets; NaN when a dataset has no CI)."""
     if not id_datasets or not ood_datasets:
         raise SmatError("pareto: needs both --id-datasets and --ood-datasets")
     plain = results[results["finetune"] == "none"]
     if plain.empty:
         raise SmatError("pareto: no rows with finetune 'none' in the given CSVs")
     check_datasets(plain, id_datasets, ood_datasets, "pareto")
-    means = summarise(plain, by=("model_id", "dataset")).set_index(["model_id", "dataset"])["mean"]
+    summary = summarise(plain, by=("model_id", "dataset")).set_index(["model_id", "dataset"])
+    means, cis = summary["mean"], summary["ci95"]
     rows = []
     for model_id, group in plain.groupby("model_id", sort=False):
         missing = [d for d in [*id_datasets, *ood_datasets] if (model_id, d) not in means.index]
@@ -60,8 +65,15 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
             raise SmatError(f"pareto: SMAT model {model_id!r} has no tau/experts in {first['source']}")
         rows.append({"model_id": model_id, "label": first["label"], "method": first["method"], "tau": tau,
                      "experts": experts, "id": np.mean([means[(model_id, d)] for d in id_datasets]),
-                     "ood": np.mean([means[(model_id, d)] for d in ood_datasets])})
+                     "ood": np.mean([means[(model_id, d)] for d in ood_datasets]),
+                     "id_ci95": _propagated([cis[(model_id, d)] for d in id_datasets]),
+                     "ood_ci95": _propagated([cis[(model_id, d)] for d in ood_datasets])})
     return pd.DataFrame(rows)
+
+
+def _propagated(ci95s: list[float]) -> float:
+    """CI of the mean of k independent means with these CIs: √(Σ CI²)/k."""
+    return math.sqrt(sum(ci ** 2 for ci in ci95s)) / len(ci95s)
 
 
 def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> None:
@@ -81,6 +93,9 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
         fig, ax = new_figure(height=2.6)
         front = points.iloc[pareto_front(points[["id", "ood"]].to_numpy())]
         ax.step(front["id"], front["ood"], where="pre", color="0.45", linestyle="--", linewidth=0.9, zorder=1)
+        # 95% CIs of both means, under the markers.
+        ax.errorbar(points["id"], points["ood"], xerr=points["id_ci95"].fillna(0), yerr=points["ood_ci95"].fillna(0),
+                    fmt="none", ecolor="0.6", elinewidth=0.6, capsize=1.5, capthick=0.6, zorder=2)
         for row in smat.itertuples():
             ax.scatter(row.id, row.ood, color=colours[row.tau], marker=markers[row.experts], s=28,
                        edgecolor="black", linewidth=0.4, zorder=3)
@@ -99,5 +114,6 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
         handles += [Line2D([], [], linestyle="", marker=marker, markerfacecolor="none", markeredgecolor="black",
                            markeredgewidth=0.9, label=label) for label, marker in reference_markers.items()]
         handles.append(Line2D([], [], color="0.45", linestyle="--", linewidth=0.9, label="Pareto front"))
+        handles.append(Line2D([], [], color="0.6", linewidth=0.6, label="95% CI"))
         fig.legend(handles=handles, loc="outside right upper", frameon=False, handletextpad=0.3)
         save_figure(fig, out_prefix, "pareto", inputs)
