@@ -28,8 +28,6 @@ CLASSIC_FORMATS = {
     "cars": "Stanford Cars (cars_test/ + devkit .mat annotations)",
 }
 
-# Arguments naming files or folders a command writes: checked writable before any work starts.
-_OUTPUT_ARGS = ("out", "out_dir", "out_prefix", "weights_out")
 # Commands whose --out is a folder written as a whole (the others write files).
 _FOLDER_OUTPUTS = {("data", "build-embedded"), ("data", "convert"), ("train", None)}
 
@@ -525,10 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SMAT_DEBUG", "") not in ("", "0")
     try:
         _check_numbers(args)
-        check_outputs(*_io_paths(args))
-        for name in _OUTPUT_ARGS:
-            for path in _as_list(getattr(args, name, None)):
-                check_writable(Path(path))
+        outputs, inputs = _io_paths(args)
+        check_outputs(outputs, inputs)
+        for path, _ in outputs:            # before the work, so that hours of it are not lost to a read-only --out
+            check_writable(path)
         args.func(args)
     except KeyboardInterrupt:
         print("smat: interrupted", file=sys.stderr)

@@ -52,8 +52,9 @@ def disk_full_error(path: str | os.PathLike, err: BaseException) -> SmatError:
 # Temporary files and folders are named `.NAME.XXXXXXXX.tmp` (NAME: what they become) and locked (flock) by
 # their writer while it runs: the lock dies with the process, so the next writer of NAME removes what a killed
 # one left behind (`_remove_stale`) without touching a live writer's file. The lock is released with its fd.
-def _temp_pattern(name: str) -> re.Pattern:
-    return re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+def _temp_pattern(name: str | None) -> re.Pattern:
+    """Temporary files of NAME; of any name with None."""
+    return re.compile((re.escape(f".{name}.") if name else r"\..+\.") + r"[a-z0-9_]{8}\.tmp")
 
 
 def _claim_temp(parent: Path, name: str, folder: bool) -> tuple[Path, int]:
@@ -74,8 +75,9 @@ def _claim_temp(parent: Path, name: str, folder: bool) -> tuple[Path, int]:
         os.close(fd)
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Remove the temporary files and folders of NAME whose writers are dead (their lock is free)."""
+def _remove_stale(parent: Path, name: str | None) -> None:
+    """Remove the temporary files and folders of NAME (None: of any name) whose writers are dead (their lock is
+    free)."""
     pattern = _temp_pattern(name)
     with os.scandir(parent) as entries:
         stale = [entry for entry in entries if pattern.fullmatch(entry.name) and not entry.is_symlink()]
@@ -203,6 +205,7 @@ def run_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
         except BlockingIOError:
             raise SmatError(f"{folder}: another `{command}` is running into this folder; wait for it to end, "
                             "or choose another --out") from None
+        _remove_stale(folder, None)     # what a killed run left, also files this run will not write again
         yield
     except BaseException:
         if created:                 # a run that failed before writing anything leaves no empty folder behind
@@ -230,8 +233,8 @@ def check_outputs(outputs: Sequence[tuple[Path, str]], inputs: Sequence[Path]) -
                                 "path")
         for other, _ in outputs[i + 1:]:
             if _same(out, other):
-                raise SmatError(f"{out}: the command would write two of its outputs to this one path; choose "
-                                "another output path")
+                raise SmatError(f"{out}: two outputs of the command would be this one file (an output, and a "
+                                "name derived from another such as EVAL.json or OUT.partial); choose other paths")
         for source in inputs:
             if _same(out, source):
                 raise SmatError(f"{out}: is also an input of this command ({source}); an output never replaces "
@@ -312,6 +315,11 @@ def load_torch(path: str | os.PathLike, what: str, fix: str, *, mmap: bool = Fal
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many exception types for files it cannot read
+        if refused := re.search(r"GLOBAL (\S+)", str(err)):
+            raise SmatError(f"{name}: refused: the file holds a Python object ({refused.group(1)}) beyond tensors "
+                            f"and plain values, and loading it could run code; {fix}") from None
+        if "Weights only load failed" in str(err):      # torch's advice, to load it unrestricted, is not ours
+            raise SmatError(f"{name}: not a readable {what} (not a torch file, or damaged); {fix}") from None
         raise SmatError(f"{name}: not a readable {what} ({brief_error(err)}); {fix}") from None
 
 

@@ -414,6 +414,16 @@ def test_the_next_run_removes_what_a_killed_writer_left(data, tmp_path):
     assert not left[0].exists() and Store(tmp_path / "store").classes
 
 
+def test_train_removes_what_a_killed_run_left_in_its_out(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    left = _killed_writer("file", out / "best.pt")           # a file the rerun, already done, never writes again
+    (out / "DONE").write_text("{}")                           # a finished run (of another config: refused)
+    assert main(["train", "--config", CI_TRAINING, "--store", str(data / "store"), "--pretrained",
+                 str(data / "tiny.pt"), "--out", str(out), "--set", "validation.episodes=0"]) == 2
+    assert not left[0].exists() and (out / "DONE").exists()
+
+
 def test_a_live_writers_temporary_file_is_kept(tmp_path):
     with atomic_path(tmp_path / "a.json") as first:
         first.write_text("first")

@@ -121,7 +121,7 @@ def test_a_planted_pickle_never_runs(data, tmp_path, capsys, name):
     args = cases[name]
     message = one_line_error(capsys, args)
     assert not marker.exists(), f"{name}: the file ran code"
-    assert str(tmp_path) in message                    # names the planted file
+    assert str(tmp_path) in message and "posix.mkdir" in message      # names the file and what it holds
 
 
 def test_the_payload_would_run_under_plain_unpickling(tmp_path):
@@ -204,7 +204,7 @@ def collision_cases(d: Path, w: Path) -> dict[str, tuple[list[str], str]]:
         "fetch: --out is the source": (["fetch", tiny, "--arch", ARCH, "--out", tiny], "is also an input"),
         "import: --out is the checkpoint": (["import", "pmf", tiny, "--out", tiny], "is also an input"),
         "pretrain: --weights-out is --out": (["pretrain", "--store", store, "--out", str(w / "p.pt"),
-                                              "--weights-out", str(w / "p.pt")], "two of its outputs"),
+                                              "--weights-out", str(w / "p.pt")], "two outputs of the command"),
         "pretrain: --out is the config": (["pretrain", "--store", store, "--config", str(w / "cfg.yaml"), "--out",
                                            str(w / "cfg.yaml")], "is also an input"),
         "train: --config inside --out": (["train", "--config", str(w / "run" / "config.yaml"), "--store", store,
