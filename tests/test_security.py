@@ -124,6 +124,17 @@ def test_a_planted_pickle_never_runs(data, tmp_path, capsys, name):
     assert str(tmp_path) in message and "posix.mkdir" in message      # names the file and what it holds
 
 
+def test_a_planted_router_extra_never_runs(tmp_path, capsys):
+    from test_import import HEADS, official_smat_files   # a tiny SMAT checkpoint in the authors' layout
+
+    checkpoint, _, _, _ = official_smat_files(tmp_path)
+    marker = tmp_path / "MARKER"
+    extra = _torch_payload(tmp_path / "router_extra.pt", marker)
+    message = one_line_error(capsys, ["import", "smat-official", str(checkpoint), "--router-extra", extra, "--heads",
+                                      str(HEADS), "--out", str(tmp_path / "m.pt")])
+    assert not marker.exists() and "router_extra.pt: refused" in message and "posix.mkdir" in message
+
+
 def test_the_payload_would_run_under_plain_unpickling(tmp_path):
     """The check above means something: the same file runs its code when unpickled without restriction."""
     marker = tmp_path / "MARKER"
