@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -28,8 +29,9 @@ from torch import Tensor
 
 import smat
 from smat.device import resolve_device
+from smat.evaluation.batching import CPU_BUDGET, CUDA_MAX_EPISODES, BatchBudget, measure_cuda_budget, plan_batches
 from smat.evaluation.feature_cache import CHUNK, FeatureCache
-from smat.evaluation.finetune import FINETUNE_STEPS, finetune_full
+from smat.evaluation.finetune import FINETUNE_STEPS, Finetuner, Task
 from smat.evaluation.results import FINETUNE_MODES, write_results
 from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash
 from smat.methods.registry import (PRETRAINED_PREFIX, SWITCH_NAMES, display_name,
@@ -74,34 +76,47 @@ def _score(model, support_f: Tensor, support_y: Tensor, query_f: Tensor, query_y
 class EpisodeRunner:
     """Evaluates one model on episodes of one store with one fine-tuning mode.
 
-    `use_cache=False` turns the feature cache off (for benchmarks and tests: the results are the same);
-    `steps` is the number of fine-tuning steps (METHOD §3.5: 50).
+    Without fine-tuning (or at lr 0) episodes run one at a time, Pre and PMF from the feature cache; with it,
+    many episodes are fine-tuned in one batch (`smat.evaluation.finetune`, bounds in `batching`), with the
+    same results as one at a time. `use_cache=False` turns the feature cache off (for benchmarks and tests:
+    the results are the same); `steps` is the number of fine-tuning steps (METHOD §3.5: 50); `budget` fixes
+    the batch bounds (default: `CPU_BUDGET` on the CPU, measured on CUDA).
     """
 
     def __init__(self, model, store, finetune: str, device: torch.device, use_cache: bool = True,
-                 steps: int = FINETUNE_STEPS) -> None:
+                 steps: int = FINETUNE_STEPS, budget: BatchBudget | None = None) -> None:
         from smat.data.transforms import test_transform
 
         if finetune not in FINETUNE_MODES:
             raise SmatError(f"--finetune {finetune!r}: choose one of {', '.join(FINETUNE_MODES)}")
         self.model, self.store, self.finetune, self.device = model, store, finetune, device
         self.use_cache, self.steps = use_cache, steps
-        self.transform = test_transform(model.backbone.image_size)
-        self.lora = None
-        if finetune == "lora":
-            from smat.evaluation.lora import LoraFinetuner    # peft is slow to import: only when needed
-
-            self.lora = LoraFinetuner(model.backbone)
+        self.image_size = model.backbone.image_size
+        self.transform = test_transform(self.image_size)
+        self.finetuner = Finetuner(model, finetune, steps) if finetune != "none" else None
+        # Batch bounds by image size, shared by the runners of `on_store` (measured once per size on CUDA).
+        self.budgets: dict[int, BatchBudget] = {}
+        fixed = budget or (CPU_BUDGET if device.type != "cuda" else None)
+        self.fixed_budget = dataclasses.replace(fixed) if fixed else None     # lowered on out-of-memory
 
     def on_store(self, store, image_size: int | None = None) -> "EpisodeRunner":
-        """This runner on another store, at `image_size` px (default: the model's), sharing the model and the
-        LoRA copy of its backbone (built once). The backbone resamples its position table to other sizes."""
+        """This runner on another store, at `image_size` px (default: the model's), sharing the model, the
+        fine-tuning copy of its backbone and the batch bounds. The backbone resamples its position table to
+        other sizes."""
         from smat.data.transforms import test_transform
 
         runner = copy.copy(self)
         runner.store = store
-        runner.transform = test_transform(image_size or self.model.backbone.image_size)
+        runner.image_size = image_size or self.model.backbone.image_size
+        runner.transform = test_transform(runner.image_size)
         return runner
+
+    def budget_record(self) -> dict | None:
+        """The fine-tuning batch bounds used so far, for the provenance; None without fine-tuning."""
+        if self.finetuner is None:
+            return None
+        return {str(size): budget.record() for size, budget in sorted(self.budgets.items())} or (
+            {"bounds": self.fixed_budget.record()} if self.fixed_budget else None)
 
     def uses_cache(self, lr: float) -> bool:
         """Task-independent features and no fine-tuning (lr 0 is no fine-tuning): embed every image once."""
@@ -110,6 +125,19 @@ class EpisodeRunner:
     def run(self, episodes: Sequence, indices: Sequence[int], file_seed: int, lr: float,
             progress: bool = True, desc: str = "episodes") -> list[dict[str, Any]]:
         """One result dict per episode: ways, sizes, accuracy (%), loss, seconds, alpha."""
+        return self.run_lrs(episodes, indices, file_seed, [lr], progress, desc)[0]
+
+    def run_lrs(self, episodes: Sequence, indices: Sequence[int], file_seed: int, lrs: Sequence[float],
+                progress: bool = True, desc: str = "episodes") -> list[list[dict[str, Any]]]:
+        """`run` at every lr of `lrs`; the fine-tuning of all (lr, episode) pairs is batched together."""
+        indices = list(indices)
+        tuned = [lr for lr in lrs if self.finetune != "none" and lr != 0]
+        rows = self._finetuned(episodes, indices, file_seed, tuned, progress, desc) if tuned else {}
+        return [[rows[(lr, i)] for i in range(len(episodes))] if lr in tuned
+                else self._untuned(episodes, indices, file_seed, lr, progress, desc) for lr in lrs]
+
+    def _untuned(self, episodes, indices, file_seed: int, lr: float, progress: bool, desc: str) -> list[dict]:
+        """Episodes one at a time without fine-tuning; Pre and PMF from the feature cache."""
         cache = None
         shared_seconds = 0.0
         if self.uses_cache(lr):
@@ -121,23 +149,80 @@ class EpisodeRunner:
         results = []
         for index, episode in zip(progress_bar(indices, desc=desc, unit="episode", disable=not progress), episodes):
             start = time.perf_counter()
-            with seeded(episode_seed(index, file_seed), self.device) as generator:
+            with seeded(episode_seed(index, file_seed), self.device):
                 if cache is not None:
                     accuracy, loss = _score(self.model, *cache.lookup(episode), len(episode.classes))
                     alpha = None
                 else:
-                    accuracy, loss, alpha = self._run_one(episode, lr, generator)
-            results.append({
-                "episode": index,
-                "ways": len(episode.classes),
-                "support_size": sum(len(ids) for ids in episode.support),
-                "query_size": sum(len(ids) for ids in episode.query),
-                "accuracy": accuracy,
-                "loss": loss,
-                "seconds": time.perf_counter() - start + shared_seconds,
-                "alpha": alpha,
-            })
+                    accuracy, loss, alpha = self._run_untuned(episode)
+            results.append(_row(index, episode, accuracy, loss, time.perf_counter() - start + shared_seconds, alpha))
         return results
+
+    def _finetuned(self, episodes, indices, file_seed: int, lrs: list[float], progress: bool,
+                   desc: str) -> dict[tuple[float, int], dict]:
+        """{(lr, position): row} of every episode fine-tuned at every lr of `lrs`, in batches of (lr, episode)
+        pairs; each pair draws from its episode's seed, so every lr sees the same noise (paired scores)."""
+        pairs = [(lr, i) for lr in lrs for i in range(len(episodes))]
+        sizes = [sum(len(ids) for ids in episodes[i].support) for _, i in pairs]
+        budget = self._budget(episodes, indices, file_seed, lrs[0], max(sizes))
+        rows: dict[tuple[float, int], dict] = {}
+        bar = progress_bar(total=len(pairs), desc=desc, unit="episode", disable=not progress)
+        pending = [[pairs[k] for k in batch] for batch in plan_batches(sizes, budget)]
+        while pending:
+            batch = pending.pop(0)
+            start = time.perf_counter()
+            try:
+                results = self._run_batch(episodes, indices, file_seed, batch)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise
+                torch.cuda.empty_cache()     # split the batch; results do not depend on the batching
+                half = len(batch) // 2
+                budget.episodes = half
+                pending[:0] = [batch[:half], batch[half:]]
+                continue
+            seconds = (time.perf_counter() - start) / len(batch)
+            for (lr, i), (accuracy, loss, alpha) in zip(batch, results):
+                rows[(lr, i)] = _row(indices[i], episodes[i], accuracy, loss, seconds, alpha)
+            bar.update(len(batch))
+        bar.close()
+        return rows
+
+    def _run_batch(self, episodes, indices, file_seed: int, batch: list[tuple[float, int]]) -> list[tuple]:
+        """(accuracy, loss, router scores) of each (lr, position) pair of one batch."""
+        loaded: dict[int, tuple] = {}
+        tasks = []
+        for lr, i in batch:
+            if i not in loaded:
+                seed = episode_seed(indices[i], file_seed)
+                with seeded(seed, self.device):
+                    tensors = self._load(episodes[i])
+                    loaded[i] = (tensors, self._task_params(tensors), seed)
+            tensors, params, seed = loaded[i]
+            tasks.append(Task(params.weights, tensors, lr, torch.Generator().manual_seed(seed)))
+        scores = self.finetuner.run(tasks)
+        return [(*score, _alpha(loaded[i][1])) for score, (_, i) in zip(scores, batch)]
+
+    def _budget(self, episodes, indices, file_seed: int, lr: float, support_size: int) -> BatchBudget:
+        """The batch bounds at this runner's image size: fixed, or measured once on CUDA with copies of the
+        largest episode."""
+        if self.fixed_budget is not None:
+            return self.fixed_budget
+        if self.image_size not in self.budgets:
+            largest = max(range(len(episodes)), key=lambda i: sum(len(ids) for ids in episodes[i].support))
+            self.budgets[self.image_size] = measure_cuda_budget(
+                lambda n: self._try_copies(episodes, indices, file_seed, lr, largest, n), support_size,
+                limit=CUDA_MAX_EPISODES)
+            log.info("fine-tuning batch bounds at %d px: %s", self.image_size, self.budgets[self.image_size])
+        return self.budgets[self.image_size]
+
+    def _try_copies(self, episodes, indices, file_seed: int, lr: float, i: int, n: int) -> None:
+        """One fine-tuning step of n copies of episode i (the CUDA memory probe)."""
+        steps, self.finetuner.steps = self.finetuner.steps, 1
+        try:
+            self._run_batch(episodes, indices, file_seed, [(lr, i)] * n)
+        finally:
+            self.finetuner.steps = steps
 
     def _load(self, episode):
         from smat.data.loader import load_episode
@@ -148,23 +233,32 @@ class EpisodeRunner:
         with torch.inference_mode():
             return self.model.task_params(tensors.support_x, tensors.support_y)
 
-    def _run_one(self, episode, lr: float, generator: torch.Generator) -> tuple[float, float, list | None]:
-        """(accuracy %, loss, router scores) of one episode, fine-tuned on its support if asked."""
+    def _run_untuned(self, episode) -> tuple[float, float, list | None]:
+        """(accuracy %, loss, router scores) of one episode without fine-tuning."""
         tensors = self._load(episode)
         params = self._task_params(tensors)
-        sx, sy, n_way = tensors.support_x, tensors.support_y, tensors.n_way
-        if self.finetune == "full":
-            weights = finetune_full(self.model, params.weights, sx, sy, n_way, lr, generator, self.steps)
-            features = lambda x: self.model.features(weights, x)  # noqa: E731
-        elif self.finetune == "lora":
-            features = self.lora.finetune(self.model, params.weights, sx, sy, n_way, lr, generator, self.steps)
-        else:
-            features = lambda x: self.model.features(params.weights, x)  # noqa: E731
+        features = lambda x: self.model.features(params.weights, x)  # noqa: E731
         with torch.inference_mode():
-            support_f, query_f = _chunked(features, sx), _chunked(features, tensors.query_x)
-        accuracy, loss = _score(self.model, support_f, sy, query_f, tensors.query_y, n_way)
-        alpha = None if params.alpha is None else [float(a) for a in params.alpha.flatten().tolist()]
-        return accuracy, loss, alpha
+            support_f, query_f = _chunked(features, tensors.support_x), _chunked(features, tensors.query_x)
+        accuracy, loss = _score(self.model, support_f, tensors.support_y, query_f, tensors.query_y, tensors.n_way)
+        return accuracy, loss, _alpha(params)
+
+
+def _alpha(params) -> list | None:
+    return None if params.alpha is None else [float(a) for a in params.alpha.flatten().tolist()]
+
+
+def _row(index: int, episode, accuracy: float, loss: float, seconds: float, alpha) -> dict[str, Any]:
+    return {
+        "episode": index,
+        "ways": len(episode.classes),
+        "support_size": sum(len(ids) for ids in episode.support),
+        "query_size": sum(len(ids) for ids in episode.query),
+        "accuracy": accuracy,
+        "loss": loss,
+        "seconds": seconds,
+        "alpha": alpha,
+    }
 
 
 def model_file(model_spec: str) -> Path:
@@ -357,7 +451,8 @@ def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info:
         "provenance": provenance(
             episodes_sha256=sha256_file(run.episodes_path), model_sha256=info["model_sha256"],
             store_fingerprint=store.fingerprint, episodes_seed=run.meta.get("seed"), device=str(runner.device),
-            image_size=run.image_size or runner.model.backbone.image_size),
+            image_size=run.image_size or runner.model.backbone.image_size,
+            finetune_batch=runner.budget_record()),
     })
     log.info("%s: %s on %s (%s): %.2f ± %s over %d episodes", run.out, fixed["label"], store.domain, finetune,
              summary["mean"], "n/a" if summary["ci95"] is None else f"{summary['ci95']:.2f}", summary["n"])

@@ -1,13 +1,10 @@
-"""LoRA test-time fine-tuning with peft on the query and value projections of timm's ViT (METHOD §3.5).
+"""LoRA on the query and value projections of timm's ViT, for many episodes at once (METHOD §3.5).
 
-timm fuses q, k and v into one Linear `attn.qkv`. To adapt only q and v, as the paper does (peft
-target_modules ["query", "value"] on the HF ViT), a copy of the backbone has each fused `qkv` replaced by
-`SplitQKV`: three Linears q, k, v whose outputs are concatenated, which computes exactly the fused
-projection. peft then injects LoRA (r 8, alpha 32, dropout 0.1, no bias) into `q` and `v` only.
-
-The copy is made once per evaluation. For every task its base weights are overwritten with the task's
-(merged) weights and the adapters are re-initialised, so tasks never influence each other; only the adapter
-weights are trained.
+The paper attaches PEFT LoRA (r 8, alpha 32, dropout 0.1, no bias) to the query and value projections of the
+HF ViT. timm fuses q, k and v into one Linear `attn.qkv`, so `LoraQKV` replaces it in a copy of the backbone:
+the fused projection plus alpha/r · B A dropout(x) added to its q and v thirds, which is PEFT's LoRA on
+separate q and v Linears. A and B (and the dropout masks) are inputs of the forward, not parameters, so
+`torch.func.vmap` runs every episode with its own adapters (`smat.evaluation.finetune`).
 """
 
 from __future__ import annotations
@@ -16,11 +13,9 @@ import copy
 import math
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from smat.evaluation.finetune import FINETUNE_STEPS, FeatureFn, adamw_steps
 from smat.io import SmatError
 
 LORA_RANK = 8
@@ -29,31 +24,36 @@ LORA_DROPOUT = 0.1
 # SMAT and Pre+LoRA train the adapters at 10 × the searched lr (METHOD §3.5). The released pmf-lora baseline
 # has no ×10; here every method uses ×10, which only shifts where the lr search lands on its grid.
 LORA_LR_MULTIPLIER = 10.0
-ADAPTER = "default"
-_TARGETS = r".*attn\.qkv\.(q|v)"
+TARGETS = ("q", "v")          # which thirds of the fused projection are adapted
 
 
-class SplitQKV(nn.Module):
-    """timm's fused `qkv` Linear as separate q, k and v Linears with the same output."""
+class LoraQKV(nn.Module):
+    """timm's fused `qkv` Linear with LoRA on q and v; the adapters are buffers set per call.
+
+    `lora_a` (2, r, in) and `lora_b` (2, out/3, r) hold the q and v adapters; `dropout` (2, ..., in), if set,
+    is the keep mask of the dropout on the adapters' input, for q and v. Without adapters it is the fused
+    Linear.
+    """
 
     def __init__(self, fused: nn.Linear) -> None:
         super().__init__()
-        dim_in, dim_out = fused.in_features, fused.out_features // 3
-        has_bias = fused.bias is not None
-        self.q, self.k, self.v = (nn.Linear(dim_in, dim_out, bias=has_bias, device=fused.weight.device,
-                                            dtype=fused.weight.dtype) for _ in range(3))
-        self.load_fused(fused.weight, fused.bias)
-
-    @torch.no_grad()
-    def load_fused(self, weight: Tensor, bias: Tensor | None) -> None:
-        for part, w in zip((self.q, self.k, self.v), weight.chunk(3, dim=0)):
-            part.weight.copy_(w)
-        if bias is not None:
-            for part, b in zip((self.q, self.k, self.v), bias.chunk(3, dim=0)):
-                part.bias.copy_(b)
+        self.weight, self.bias = fused.weight, fused.bias     # same parameter names as the fused Linear
+        self.register_buffer("lora_a", None, persistent=False)
+        self.register_buffer("lora_b", None, persistent=False)
+        self.register_buffer("dropout", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora_a is None:
+            return out
+        q, k, v = out.chunk(3, dim=-1)
+        updates = []
+        for target in range(2):
+            # torch's dropout: x · (mask / (1 − p))
+            inputs = x if self.dropout is None else x * (self.dropout[target].to(x.dtype) / (1 - LORA_DROPOUT))
+            updates.append(F.linear(F.linear(inputs, self.lora_a[target]), self.lora_b[target]))
+        scale = LORA_ALPHA / LORA_RANK
+        return torch.cat([q + updates[0] * scale, k, v + updates[1] * scale], dim=-1)
 
 
 def _fused_qkv_layers(vit: nn.Module) -> dict[str, nn.Linear]:
@@ -61,83 +61,48 @@ def _fused_qkv_layers(vit: nn.Module) -> dict[str, nn.Linear]:
             if name.endswith("attn.qkv") and isinstance(module, nn.Linear) and module.out_features % 3 == 0}
 
 
-class LoraFinetuner:
-    """A LoRA-adapted copy of a model's backbone, re-used for every task of an evaluation."""
+def lora_backbone(backbone: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of `backbone` whose fused qkv Linears are `LoraQKV`; also the names of those modules (timm names,
+    in forward order). The copy shares nothing with the model, so the model is never modified."""
+    copied = copy.deepcopy(backbone).eval().requires_grad_(False)
+    fused = _fused_qkv_layers(copied.vit)
+    if not fused:
+        raise SmatError(
+            f"LoRA fine-tuning needs the attention projections of timm's ViT (`blocks.N.attn.qkv`, an "
+            f"nn.Linear); backbone {getattr(backbone, 'name', type(backbone).__name__)!r} has none: "
+            f"use --finetune full or none with this model")
+    for name, linear in fused.items():
+        parent, _, child = name.rpartition(".")
+        setattr(copied.vit.get_submodule(parent), child, LoraQKV(linear))
+    return copied, list(fused)
 
-    def __init__(self, backbone: nn.Module) -> None:
-        self.backbone = copy.deepcopy(backbone).eval()
-        vit = self.backbone.vit
-        fused = _fused_qkv_layers(vit)
-        if not fused:
-            raise SmatError(
-                f"LoRA fine-tuning needs the attention projections of timm's ViT (`blocks.N.attn.qkv`, an "
-                f"nn.Linear); backbone {getattr(backbone, 'name', type(backbone).__name__)!r} has none: "
-                f"use --finetune full or none with this model")
-        self._params = {name: p for name, p in vit.named_parameters()
-                        if name.rpartition(".")[0] not in fused}
-        self._split: dict[str, SplitQKV] = {}
-        for name, linear in fused.items():
-            parent_name, _, child = name.rpartition(".")
-            split = SplitQKV(linear)
-            setattr(vit.get_submodule(parent_name), child, split)
-            self._split[name] = split
-        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, bias="none",
-                            target_modules=_TARGETS)
-        inject_adapter_in_model(config, vit, adapter_name=ADAPTER)
-        self.backbone.eval()        # new adapter modules start in training mode (dropout on)
-        self.backbone.requires_grad_(False)
-        self.lora_layers = [m for m in vit.modules() if isinstance(m, LoraLayer)]
-        self.adapter_params = [p for layer in self.lora_layers
-                               for p in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters())]
-        for param in self.adapter_params:
-            param.requires_grad_(True)
 
-    @torch.no_grad()
-    def load_task(self, weights: dict[str, Tensor], generator: torch.Generator) -> None:
-        """Set the base weights to the task's weights and re-initialise every adapter (B = 0: no change yet)."""
-        missing = (set(self._params) | {f"{name}.weight" for name in self._split}) - set(weights)
-        if missing:    # a stale weight of the previous task would leak into this one
-            raise ValueError(f"task weights lack {sorted(missing)[:3]}...: expected every backbone parameter")
-        fused: dict[str, dict[str, Tensor]] = {}
-        for name, value in weights.items():
-            module_name, _, leaf = name.rpartition(".")
-            if module_name in self._split:
-                fused.setdefault(module_name, {})[leaf] = value
-            else:
-                self._params[name].copy_(value)
-        for name, split in self._split.items():
-            split.load_fused(fused[name]["weight"], fused[name].get("bias"))
-        for layer in self.lora_layers:
-            lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            # peft's own initialisation (kaiming-uniform A, zero B), drawn from the task's generator.
-            init = torch.empty(lora_a.shape, dtype=lora_a.dtype)
+def init_adapters(layers: list[str], shapes: dict[str, tuple[int, int]], generator: torch.Generator,
+                  like: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Fresh adapters of one episode: PEFT's initialisation (kaiming-uniform A, zero B), A drawn in fp32 from the
+    episode's generator, q before v, layer by layer; on the device and in the dtype of `like`.
+    Returns ({layer: A (2, r, in)}, {layer: B (2, out, r)})."""
+    a, b = {}, {}
+    for layer in layers:
+        dim_in, dim_out = shapes[layer]
+        parts = []
+        for _ in TARGETS:
+            init = torch.empty(LORA_RANK, dim_in)
             nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
-            lora_a.copy_(init)
-            lora_b.zero_()
+            parts.append(init)
+        a[layer] = torch.stack(parts).to(like)
+        b[layer] = like.new_zeros(len(TARGETS), dim_out, LORA_RANK)
+    return a, b
 
-    def _set_dropout(self, active: bool) -> None:
-        for layer in self.lora_layers:
-            layer.lora_dropout[ADAPTER].train(active)
 
-    def finetune(self, model, weights: dict[str, Tensor], support_x: Tensor, support_y: Tensor, n_way: int,
-                 lr: float, generator: torch.Generator, steps: int = FINETUNE_STEPS) -> FeatureFn:
-        """Fine-tune fresh adapters on the support (AdamW at 10 × lr); return the adapted feature function.
+def dropout_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The episode's generator of dropout masks, on `device` (masks are large: drawn where they are used),
+    seeded from the episode's own generator."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
-        The result depends only on the inputs and `generator` (adapter init, augmentation, dropout).
-        lr 0 returns the model's own features with `weights`: exactly no fine-tuning.
-        """
-        if lr == 0 or steps == 0:
-            return lambda x: model.features(weights, x)
-        self.load_task(weights, generator)
-        # Dropout draws from torch's global RNG: seed it from `generator` so the result depends on it alone.
-        dropout_seed = int(torch.randint(0, 2**62, (), generator=generator))
-        device = self.adapter_params[0].device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(dropout_seed)
-            self._set_dropout(True)     # dropout acts while training the adapters only
-            try:
-                adamw_steps(model, self.backbone, self.adapter_params, support_x, support_y, n_way,
-                            lr * LORA_LR_MULTIPLIER, generator, steps)
-            finally:
-                self._set_dropout(False)
-        return self.backbone
+
+def draw_dropout(generator: torch.Generator, n_layers: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """One step's dropout keep masks of an episode, bool (layers, 2, *shape): False with probability p;
+    q before v, layer by layer."""
+    return torch.rand((n_layers, len(TARGETS), *shape), generator=generator, device=device) >= LORA_DROPOUT

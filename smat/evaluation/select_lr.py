@@ -98,9 +98,9 @@ def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model
     """Score every lr of `grid` on one dataset's episodes; write its LR.json and return the best lr."""
     name, domain, finetune = display_name(info["method"]), run.store.domain, runner.finetune
     scores = []
-    for lr in grid:
-        results = runner.run(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), lr,
-                             progress=progress, desc=f"lr search {name} {domain} {finetune} lr={lr:g}")
+    per_lr = runner.run_lrs(run.episodes, range(len(run.episodes)), int(run.meta.get("seed", 0)), grid,
+                            progress=progress, desc=f"lr search {name} {domain} {finetune}")
+    for lr, results in zip(grid, per_lr):     # every (lr, episode) pair fine-tuned in shared batches
         accuracy = sum(r["accuracy"] for r in results) / len(results)
         scores.append(None if math.isnan(accuracy) else accuracy)
         log.info("%s %s %s lr=%g: %s", name, domain, finetune, lr,
@@ -115,6 +115,7 @@ def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model
         "n_episodes": len(run.episodes),
         "model_id": info["model_id"],
         "provenance": provenance(model=model_spec, episodes_file=str(run.episodes_path),
-                                 episodes_sha256=sha256_file(run.episodes_path), device=str(runner.device)),
+                                 episodes_sha256=sha256_file(run.episodes_path), device=str(runner.device),
+                                 finetune_batch=runner.budget_record()),
     })
     return chosen
