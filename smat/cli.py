@@ -37,9 +37,11 @@ def _io_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Pa
     `check_outputs` before any work, so that no output replaces an input."""
     sub = getattr(args, "data_command", None)
     kind = "folder" if (args.command, sub) in _FOLDER_OUTPUTS else "file"
-    outputs = [(Path(p), kind) for p in _as_list(getattr(args, "out", None))]
+    # An --out given twice as written is left to the command's own message ("given twice", per-dataset pairing).
+    outs = list(dict.fromkeys(Path(p) for p in _as_list(getattr(args, "out", None))))
+    outputs = [(p, kind) for p in outs]
     if args.command == "evaluate":              # EVAL.csv and its summary EVAL.json
-        outputs += [(Path(p).with_suffix(".json"), "file") for p in args.out]
+        outputs += [(p.with_suffix(".json"), "file") for p in outs]
     if args.command == "pretrain":              # the resume state of an interrupted run, the bare weights
         outputs += [(Path(args.out + ".partial"), "file")] + [(Path(p), "file") for p in _as_list(args.weights_out)]
     if args.command == "tables":
@@ -56,8 +58,7 @@ def _io_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Pa
         inputs.append(Path(args.source.removeprefix("file://")))
     for p in _as_list(getattr(args, "eval", None)):  # tables read each CSV and its summary
         inputs += [Path(p), Path(p).with_suffix(".json")]
-    # An --out given twice as written is the command's own message ("given twice"), with its per-dataset pairing.
-    return list(dict.fromkeys(outputs)), inputs
+    return outputs, inputs
 
 
 # Numeric arguments and their ranges, checked before any work (argparse accepts `nan`, `inf` and negatives).

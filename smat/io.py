@@ -287,6 +287,8 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
+    if path.exists() and not path.is_file():       # a FIFO would block the read, a folder fail obscurely
+        raise SmatError(f"{path}: not a regular file")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -356,6 +358,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    if Path(path).exists() and not Path(path).is_file():      # a FIFO would block, a device never end
+        raise SmatError(f"{path}: not a regular file")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -282,3 +282,18 @@ def test_no_output_replaces_or_enters_an_input(data, workspace, capsys, name):
     assert fragment in message
     assert _snapshot(workspace) == before
     assert Path("/dev/null").is_char_device()
+
+
+def test_an_input_that_is_a_fifo_is_refused_instead_of_blocking(data, tmp_path, capsys):
+    os.mkfifo(tmp_path / "episodes.json")
+    store = tmp_path / "store"
+    shutil.copytree(data / "store", store)
+    message = one_line_error(capsys, ["evaluate", "--model", f"pretrained:{data / 'tiny.pt'}", "--episodes",
+                                      str(tmp_path / "episodes.json"), "--store", str(store), "--out",
+                                      str(tmp_path / "e.csv"), "--device", "cpu"])
+    assert "episodes.json: not a regular file" in message
+    (store / "images.npy").unlink()
+    os.mkfifo(store / "images.npy")
+    message = one_line_error(capsys, ["episodes", "sample", "--store", str(store), "--split", "test", "--ways", "2",
+                                      "--out", str(tmp_path / "e.json")])
+    assert "images.npy: not a regular file" in message

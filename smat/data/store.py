@@ -301,6 +301,8 @@ def _self_hash_problem(manifest: dict[str, Any]) -> str | None:
 
 def _open_images(root: Path, n_images: int, image_size: int) -> np.ndarray:
     path = root / "images.npy"
+    if path.exists() and not path.is_file():
+        raise SmatError(f"{path}: not a regular file; re-create the store with `smat data convert`")
     try:
         array = np.load(path, mmap_mode="r")
     except FileNotFoundError:
