@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smat import __version__
 from smat.config import MAX_SEED
-from smat.io import SmatError, check_outputs, check_writable, run_lock
+from smat.io import SmatError, check_outputs, check_writable, disk_full_error, is_disk_full, run_lock
 
 # `smat data convert` formats of classic datasets, as their publishers distribute them (smat/data/classic.py).
 CLASSIC_FORMATS = {
@@ -558,6 +558,8 @@ def describe_error(err: Exception) -> str:
     """One line for any exception: ours as they are, OS errors with the file and what to do, others by type."""
     if isinstance(err, SmatError):
         return str(err)
+    if is_disk_full(err) and not isinstance(err, OSError):   # a writer outside smat.io's (torch's zip writer)
+        return str(disk_full_error("a file", err))
     if isinstance(err, OSError) and err.errno in _OS_HINTS:
         where = err.filename or "a file"
         return f"{where}: {_OS_HINTS[err.errno]} ({err.strerror})"

@@ -169,16 +169,17 @@ CONFIG_KEYS = [(cls, key, kind) for cls in (TrainConfig, PretrainConfig) for key
 
 
 def _override(cls: type, key: str, value: str) -> str:
+    """`--set` text giving `key` the YAML `value` (for `name[i]`: the default list with position i changed)."""
     if "[" not in key:
         return f"{key}={value}"
     name, index = key[:-1].split("[")
-    default = functools_reduce_getattr(cls(), name)
+    default = _attribute(cls(), name)
     items = [repr(v) for v in default]
     items[int(index)] = value
     return f"{name}=[{', '.join(items)}]"
 
 
-def functools_reduce_getattr(obj, dotted: str):
+def _attribute(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
@@ -248,7 +249,7 @@ def test_edited_episode_files_are_refused(data, tmp_path, edit, named):
     edit(content["episodes"])
     path = tmp_path / "episodes.json"
     path.write_text(json.dumps(content))
-    with pytest.raises(SmatError, match=None) as excinfo:
+    with pytest.raises(SmatError) as excinfo:
         load_episode_file(path, Store(data / "store"))
     assert named in str(excinfo.value) and str(path) in str(excinfo.value)
 
