@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -240,7 +241,7 @@ def test_cli_writes_tables_and_reports_errors(tmp_path, capsys):
     assert main(["tables", "table1", "--eval", str(good), "--id-datasets", "a", "--ood-datasets", "b",
                  "--out-dir", str(tmp_path / "t")]) == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
-        "table1.csv", "table1.md", "table1.provenance.json", "table1.tex"]
+        "table1.csv", "table1.html", "table1.md", "table1.provenance.json", "table1.tex"]
     md = (tmp_path / "t" / "table1.md").read_text().splitlines()
     assert "| b | **3.00** |" in md and "| **OOD Avg** | **3.00** |" in md          # one episode: no CI
     assert main(["tables", "table1", "--eval", str(tmp_path / "nope.csv"), "--id-datasets", "a",
@@ -257,6 +258,9 @@ def test_table_footers_give_the_episodes_behind_each_column(tmp_path, table1_inp
     assert ("Test episodes per dataset: Pre, PMF, SMAT, SMAT+full: b 4, a 3, c 2; PMF+LoRA: a 3, c 2."
             in footer)
     assert footer in (out / "table1.tex").read_text()
+    page = (out / "table1.html").read_text()          # the report's rendering: the same cells and footer
+    assert '<th colspan="3">w/o fine-tuning</th><th colspan="2">with fine-tuning</th>' in page
+    assert "<td><b>ID Avg</b></td>" in page and html.escape(footer) in page
 
     make_table("table2", table1_inputs, id_datasets=["b", "a"], ood_datasets=["c"], out_dir=out)
     footer = (out / "table2.md").read_text().strip().splitlines()[-1]

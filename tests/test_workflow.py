@@ -1,13 +1,15 @@
 """The Snakemake workflow: a real end-to-end run of the tiny CI config (killed during meta-tuning, unlocked
-and run again), a user-added image-folder dataset flowing into every table, config validation, the paper DAG
-without data, and the profiles. Lint and format: tests/test_snakefmt.py; the conda environment:
-tests/test_conda_env.py."""
+and run again) and its HTML report, a user-added image-folder dataset flowing into every table, config
+validation, the paper DAG without data, and the profiles. Lint and format: tests/test_snakefmt.py; the conda
+environment: tests/test_conda_env.py."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from smat.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "config" / "ci.yaml"
+FIGURES = ["pareto", "grad_alignment", "capacity_type", "capacity_depth", "dendrogram", "mask_overlap", "curves"]
 RUN_TIMEOUT = 900  # seconds; a hung Snakemake must not hang the test suite
 
 pytestmark = pytest.mark.slow
@@ -191,12 +194,37 @@ def test_rerun_after_kill_resumes_meta_tuning_and_keeps_results(ci_run):
     assert all(path.stat().st_mtime >= done for path in readers)
 
 
-def test_the_report_bundles_the_tables(ci_run):
-    """`snakemake --report report.html all_tables` as the README shows it, on the finished CI run."""
-    result = snakemake(ci_run["workdir"], "--report", "report.html", "all_tables", *ci_run["args"][4:])
+def report_page(html: str, name: str) -> str:
+    """The HTML page `name` as a Snakemake report embeds it (a base64 data URI)."""
+    found = re.search(rf'"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)"', html)
+    assert found, f"{name} is not in the report"
+    return base64.b64decode(found[1]).decode()
+
+
+def test_the_full_report_renders_every_caption_table_and_the_landing_page(ci_run):
+    """`snakemake all`, then `snakemake --report report.html` as the README shows them, on the CI run: no
+    caption gives a Docutils system message, Table 1 and Table 2 are rendered tables, the landing page
+    describes the run, and the figures' captions name their models."""
+    workdir, configs = ci_run["workdir"], ci_run["args"][4:]
+    everything = snakemake(workdir, "--cores", "2", "all", *configs, timeout=2 * RUN_TIMEOUT)
+    assert everything.returncode == 0, everything.stderr[-3000:]
+    result = snakemake(workdir, "--report", "report.html", *configs)
     assert result.returncode == 0, result.stderr[-3000:]
-    html = (ci_run["workdir"] / "report.html").read_text(errors="replace")
-    assert "table1.csv" in html
+    html = (workdir / "report.html").read_text()
+    messages = re.findall(r".*\((?:INFO/1|WARNING/2|ERROR/3|SEVERE/4)\).*", result.stdout + result.stderr)
+    assert not messages and "System Message" not in html, messages
+
+    table1 = report_page(html, "table1.html")
+    assert "<table>" in table1 and "<td><b>ID Avg</b></td>" in table1 and "Test episodes per dataset:" in table1
+    assert "<th>MLS</th>" in report_page(html, "table2.html") and "<table>" in report_page(html, "table_reference.html")
+    assert '"results/tables/table1.csv"' in html                               # the tidy data beside it
+    for figure in FIGURES:
+        assert f'"results/figures/{figure}.png"' in html, figure
+    assert "number of experts |M|" in html                                     # reST read |M| as a substitution
+    main = read_ci_config()["models"]["smat"]
+    assert f"SMAT (smat/tau~{main['tau']}/experts~{main['experts']}/seed~0)" in html
+    description = re.search(r'var workflow_desc = "(.*?)";', html, re.S)[1]
+    assert "This run" in description and "latin-greek" in description and "ci.yaml" in description
 
 
 def test_tables_exist_and_parse(ci_run):

@@ -1,7 +1,8 @@
 """Result tables: Table 1 (accuracy per dataset), Table 2 (ablations) and the paper's published numbers.
 
-Each table is written as a tidy CSV (machine readable), Markdown and a LaTeX booktabs `tabular`, plus a
-`<name>.provenance.json` naming the inputs; all files of one table appear together or not at all.
+Each table is written as a tidy CSV (machine readable), Markdown, a LaTeX booktabs `tabular` and an HTML page
+(what the Snakemake report shows), plus a `<name>.provenance.json` naming the inputs; all files of one table
+appear together or not at all.
 
 Choices (METHOD §3.4, §6):
 * cell = mean ± 95% CI over the episodes of one CSV, CI = 1.96·std/√n (unbiased std); one episode has no
@@ -20,6 +21,7 @@ Choices (METHOD §3.4, §6):
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import math
 from dataclasses import dataclass
@@ -50,8 +52,14 @@ def make_table(table: str, eval_paths: Sequence[Path], id_datasets: Sequence[str
         files = table1_files(results, id_datasets, ood_datasets) if table == "table1" else \
             table2_files(results, id_datasets, ood_datasets)
         name, inputs = table, [{"path": str(p), "sha256": sha256_file(p)} for p in eval_paths]
+    elif table == "anatomy":
+        from smat.analysis.anatomy import markdown_table, read_tables
+
+        anatomy = read_tables(eval_paths)
+        files = {"csv": anatomy.to_csv(index=False, float_format="%.6g"), "md": markdown_table(anatomy)}
+        name, inputs = table, [{"path": str(p), "sha256": sha256_file(p)} for p in eval_paths]
     else:
-        raise SmatError(f"unknown table {table!r}; choose table1, table2 or reference")
+        raise SmatError(f"unknown table {table!r}; choose table1, table2, reference or anatomy")
     record = provenance(table=table, inputs=inputs, id_datasets=list(id_datasets),
                         ood_datasets=list(ood_datasets))
     files["provenance.json"] = json.dumps(record, indent=2) + "\n"
@@ -168,6 +176,8 @@ def table1_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
         "md": markdown(header, rows, notes=[note]),
         "tex": latex(header, rows, align="l" + "c" * len(names), groups=groups, rules_after=rules_after,
                      comments=[note]),
+        "html": html_page("Table 1: few-shot accuracy per test dataset",
+                          [HtmlTable(header, rows, groups=groups, rules_after=rules_after)], notes=[note]),
     }
 
 
@@ -249,11 +259,12 @@ def table2_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     counts = summarise(plain, by=("label", "dataset")).rename(columns={"dataset": "row"})
     order = {name: i for i, name in enumerate([*tidy["label"], *id_datasets, *ood_datasets])}
     counts = counts.sort_values(["label", "row"], key=lambda names: names.map(order))
-    note = (f"Accuracy (%) without fine-tuning, means of the per-dataset mean accuracies (no CI shown): ID = mean over {len(id_datasets)} ID datasets, OOD = mean over "
-            f"{len(ood_datasets)} OOD datasets, AVG = mean over all {len(id_datasets) + len(ood_datasets)}. "
-            f"{episodes_note(counts, column='label')}")
+    note = (f"Accuracy (%) without fine-tuning, means of the per-dataset mean accuracies (no CI shown): ID = "
+            f"mean over {len(id_datasets)} ID datasets, OOD = mean over {len(ood_datasets)} OOD datasets, AVG = "
+            f"mean over all {len(id_datasets) + len(ood_datasets)}. {episodes_note(counts, column='label')}")
     return {"csv": tidy, "md": markdown(header, rows, notes=[note]),
-            "tex": latex(header, rows, align="l" + "c" * 7, comments=[note])}
+            "tex": latex(header, rows, align="l" + "c" * 7, comments=[note]),
+            "html": html_page("Table 2: ablation of the SMAT components", [HtmlTable(header, rows)], notes=[note])}
 
 
 # ------------------------------------------------------------------------------------- reference table
@@ -332,4 +343,47 @@ def reference_files() -> dict:
     tex = (latex(["Dataset", *columns], rows1, align="l" + "c" * len(columns), groups=groups,
                  rules_after=rules_after) + "\n\\bigskip\n\n" +
            latex(header2, rows2, align="cl" + "c" * 7, notes=[source, *notes]))
-    return {"csv": build_reference(), "md": md, "tex": tex}
+    page = html_page("The paper's published numbers",
+                     [HtmlTable(["Dataset", *columns], rows1, groups=groups, rules_after=rules_after,
+                                title="Table 1 (published)"),
+                      HtmlTable(header2, rows2, title="Table 2 (published)")], notes=[source, *notes])
+    return {"csv": build_reference(), "md": md, "tex": tex, "html": page}
+
+
+# ------------------------------------------------------------------------------------ HTML (the report)
+
+@dataclass(frozen=True)
+class HtmlTable:
+    header: list[str]
+    rows: list[list[Cell]]
+    groups: list[tuple[str, int]] = ()      # (title, number of columns) over the header, after the first column
+    rules_after: set[int] = frozenset()     # body rows followed by a rule
+    title: str = ""
+
+
+_CSS = ("body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse;margin-bottom:1em}"
+        "th,td{padding:3px 9px;text-align:center;white-space:nowrap}td:first-child{text-align:left}"
+        "thead tr:last-child th{border-bottom:1px solid #333}table{border-top:2px solid #333;"
+        "border-bottom:2px solid #333}tr.rule td{border-bottom:1px solid #999}p{max-width:60em}")
+
+
+def html_page(title: str, tables: list[HtmlTable], notes: Sequence[str] = ()) -> str:
+    """A self-contained HTML page of the tables, with the same cells as Markdown and LaTeX: what the Snakemake
+    report shows for a table."""
+    out = [f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+           f"<style>{_CSS}</style></head><body>"]
+    for table in tables:
+        if table.title:
+            out.append(f"<h3>{html.escape(table.title)}</h3>")
+        out.append("<table><thead>")
+        if table.groups:
+            out.append("<tr><th></th>" + "".join(f'<th colspan="{width}">{html.escape(name)}</th>'
+                                                 for name, width in table.groups) + "</tr>")
+        out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.header) + "</tr></thead><tbody>")
+        for index, row in enumerate(table.rows):
+            cells = "".join(f"<td><b>{html.escape(c.text)}</b></td>" if c.bold and c.text else
+                            f"<td>{html.escape(c.text)}</td>" for c in row)
+            out.append(f'<tr class="rule">{cells}</tr>' if index in table.rules_after else f"<tr>{cells}</tr>")
+        out.append("</tbody></table>")
+    out += [f"<p>{html.escape(note)}</p>" for note in notes]
+    return "\n".join(out) + "\n</body></html>\n"

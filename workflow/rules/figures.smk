@@ -1,9 +1,15 @@
-# Analyses of METHOD §5, drawn from the first seed's models; each figure is written as PNG and PDF.
+# Analyses of METHOD §5, drawn from the first seed's models; each figure is written as PNG and PDF. The
+# `models` param names the models a figure shows ("label (model id)"), for its report caption
+# (workflow/report/*.rst).
+
+
+PARETO_IDS = [*FIGURE_SWEEP_IDS, "pre", FIGURE_IDS["pmf"], FIGURE_IDS["softmerge"]]
+CURVES_IDS = [FIGURE_IDS[m] for m in ("smat", "pmf", "softmerge")]
 
 
 rule figure_pareto:
     input:
-        files=eval_csvs([*FIGURE_SWEEP_IDS, "pre", FIGURE_IDS["pmf"], FIGURE_IDS["softmerge"]]),
+        files=eval_csvs(PARETO_IDS),
     output:
         png=report("results/figures/pareto.png", caption="../report/pareto.rst", category="Figures"),
         pdf="results/figures/pareto.pdf",
@@ -16,6 +22,7 @@ rule figure_pareto:
         figure="pareto",
         datasets=DATASET_ARGS,
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in PARETO_IDS],
     shell:
         "smat figures {params.figure} --inputs {input.files} {params.datasets} --out-prefix {params.prefix} "
         "> {log} 2>&1"
@@ -33,13 +40,14 @@ use rule figure_pareto as figure_dendrogram with:
         figure="dendrogram",
         datasets=DATASET_ARGS,
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in [FIGURE_IDS["smat"]]],
 
 
 # Training curves, gradient alignment and the expert-mask figures read files of a model directory that are
 # not declared outputs (train.smk): these figures wait for DONE and name the files as params.
 rule figure_curves:
     input:
-        done=[done_marker(FIGURE_IDS[m]) for m in ("smat", "pmf", "softmerge")],
+        done=[done_marker(m) for m in CURVES_IDS],
     output:
         png=report("results/figures/curves.png", caption="../report/curves.rst", category="Figures"),
         pdf="results/figures/curves.pdf",
@@ -50,8 +58,9 @@ rule figure_curves:
         "../../envs/smat.yaml"
     params:
         figure="curves",
-        files=[train_log(FIGURE_IDS[m]) for m in ("smat", "pmf", "softmerge")],
+        files=[train_log(m) for m in CURVES_IDS],
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in CURVES_IDS],
     shell:
         "smat figures {params.figure} --inputs {params.files} --out-prefix {params.prefix} > {log} 2>&1"
 
@@ -68,6 +77,7 @@ use rule figure_curves as figure_grad_alignment with:
         figure="grad-alignment",
         files=[train_log(m) for m in grad_alignment_models()],
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in grad_alignment_models()],
 
 
 use rule figure_curves as figure_capacity with:
@@ -86,6 +96,7 @@ use rule figure_curves as figure_capacity with:
         figure="capacity",
         files=expert_masks(FIGURE_IDS["smat"]),
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in [FIGURE_IDS["smat"]]],
 
 
 use rule figure_curves as figure_mask_overlap with:
@@ -100,3 +111,4 @@ use rule figure_curves as figure_mask_overlap with:
         figure="mask-overlap",
         files=expert_masks(FIGURE_IDS["smat"]),
         prefix=figure_prefix,
+        models=[f"{MODELS[m].label} ({m})" for m in [FIGURE_IDS["smat"]]],
