@@ -120,7 +120,8 @@ def test_optimiser_groups_follow_the_spec_table():
     assert isinstance(optimisers.router, torch.optim.AdamW)
     assert (router["base_lr"], router["weight_decay"]) == (1e-4, 1e-2)
     assert len(router["params"]) == len(list(model.router.parameters()))
-    assert [(len(params), norm) for params, norm in optimisers.clip] == [(1, 5.0), (len(router["params"]), 1.0)]
+    assert [(name, len(params), norm) for name, params, norm in optimisers.clip] == [
+        ("masks", 1, 5.0), ("router", len(router["params"]), 1.0)]
     pmf = build_model(TrainConfig(method="pmf"), create_backbone("vit_tiny_patch4_32"))
     pmf_optimisers = build_optimisers(pmf, config.optim)
     (group,) = pmf_optimisers.sgd.param_groups
@@ -162,9 +163,14 @@ def test_train_writes_every_output(finished_run, data):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["task"] for r in train_records] == list(range(2, 17, 2))
-    for key in ("loss", "ce", "kd", "acc", "lr", "temperature", "sparsity", "lambda", "alpha"):
+    for key in ("loss", "ce", "kd", "acc", "lr", "temperature", "sparsity", "expected_density", "gate_band",
+                "lambda", "alpha", "alpha_entropy", "grad_norm"):
         assert key in train_records[0]
-    assert len(train_records[0]["sparsity"]) == 2 and len(train_records[0]["alpha"]) == 2
+    for key in ("sparsity", "expected_density", "gate_band", "lambda", "alpha"):
+        assert len(train_records[0][key]) == 2, key
+    assert all(0 <= b <= 1 for r in train_records for b in r["gate_band"])
+    assert 0 <= train_records[0]["alpha_entropy"] <= math.log(2) + 1e-6
+    assert set(train_records[0]["grad_norm"]) == {"masks", "router"}
     assert [r["epoch"] for r in records if r["kind"] == "val"] == [0, 1]
     alignment = [r for r in records if r["kind"] == "grad_alignment"]
     assert [r["task"] for r in alignment] == [4, 8, 12, 16]
@@ -184,6 +190,22 @@ def test_train_writes_every_output(finished_run, data):
     for name, mask in expected.items():
         assert masks[name].dtype == bool and masks[name].shape == (2, *model.backbone.vit.get_parameter(name).shape)
         assert np.array_equal(masks[name], mask.numpy())
+
+
+def test_collapsed_gates_are_warned_about_once_per_epoch(finished_run, data):
+    """Gate and λ rates far above the time-scale rules (METHOD §1.13) close every gate at once; λ then stays 0
+    and the masks never move again: the log and the run summary say so. The normal run says nothing."""
+    out = data["root"] / "collapse"
+    train(CI_CONFIG, data["stores"], data["pretrained"], out, device="cpu",
+          overrides=FAST + ["optim.mask_lr=1e12", "optim.lagrangian_lr=1e4"])
+    summary = json.loads((out / "DONE").read_text())
+    warnings = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "warning"]
+    assert [w["epoch"] for w in warnings] == [1]
+    assert summary["warnings"] == [w["message"] for w in warnings]
+    assert "gates collapsed" in warnings[0]["message"] and "tau=0.5" in warnings[0]["message"]
+    normal = json.loads((finished_run / "DONE").read_text())
+    assert normal["warnings"] == [] and 0 < normal["lambda_active_updates"] <= 8
 
 
 def test_finished_run_reinvoked_is_a_no_op(finished_run, data):

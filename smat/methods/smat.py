@@ -21,7 +21,8 @@ from smat.methods.experts import DenseDelta, ParamLayout, SparseInterpolatedExpe
 from smat.methods.gates import HardConcrete
 from smat.methods.head import CosineHead
 from smat.methods.router import Router, router_temperature
-from smat.methods.sparsity import expected_density, realised_sparsity, reset_multipliers_, sparsity_losses
+from smat.methods.sparsity import (expected_density, realised_sparsity, reset_multipliers_, sparsity_losses,
+                                   transition_band)
 from smat.methods.teacher import dense_teacher_logits, kd_loss
 
 
@@ -43,6 +44,12 @@ def inner_step(model: FewShotModel, weights: dict[str, Tensor], support_x: Tenso
     stepped = {n: torch.add(weights[n], g, alpha=-lr) if g is not None else weights[n] for n, g in zip(names, grads)}
     head = (head_leaf.detach() - lr * grads[-1]) + prototypes - prototypes.detach()
     return stepped, head
+
+
+def alpha_entropy(alpha: Tensor) -> float:
+    """Entropy (nats) of the merging weights: log M when uniform, 0 when one expert takes all."""
+    a = alpha.detach().float().clamp_min(1e-12)
+    return float(-(a * a.log()).sum())
 
 
 class SMAT(FewShotModel):
@@ -184,7 +191,8 @@ class SMAT(FewShotModel):
             loss = (1 - self.kd_weight) * ce + self.kd_weight * kd
 
         metrics = {"ce": ce.item(), "kd": kd.item(), "acc": (student.argmax(-1) == qy).float().mean().item(),
-                   "temperature": temperature, "alpha": alpha.detach().float().tolist()}
+                   "temperature": temperature, "alpha": alpha.detach().float().tolist(),
+                   "alpha_entropy": alpha_entropy(alpha)}
         if self.experts.has_gates:
             sparsity = realised_sparsity(gates)
             reset_multipliers_(self.lagrangian, sparsity, self.tau)
@@ -192,6 +200,7 @@ class SMAT(FewShotModel):
             l_sparsity, l_lagrangian = sparsity_losses(density, sparsity, self.lagrangian, alpha, self.tau)
             loss = loss + l_sparsity + l_lagrangian
             metrics.update(sparsity=sparsity.tolist(), expected_density=density.detach().tolist(),
+                           gate_band=transition_band(gates).tolist(),
                            **{"lambda": self.lagrangian.detach().tolist()})
         if logits is not None:
             loss = loss + self.logit_l2 * logits.pow(2).mean()

@@ -23,6 +23,13 @@ def realised_sparsity(z: Tensor) -> Tensor:
     return 1.0 - torch.sign(z.detach()).sum(dim=-1) / z.shape[-1]      # z ≥ 0: sign is the indicator z > 0
 
 
+def transition_band(z: Tensor) -> Tensor:
+    """Fraction of gates strictly between 0 and 1 per expert, (M,): the only ones the task loss moves
+    (METHOD §1.3); a run whose band empties early has frozen its masks."""
+    z = z.detach()
+    return ((z > 0) & (z < 1)).float().mean(dim=-1)
+
+
 def reset_multipliers_(multipliers: Tensor, sparsity: Tensor, tau: float) -> None:
     """λ_m ← 0 where s_m > τ; applied before the losses are computed (METHOD §1.9.1)."""
     with torch.no_grad():

@@ -89,6 +89,9 @@ def episode_accuracy(model: FewShotModel, episode: EpisodeTensors) -> float:
     return 100.0 * (logits.argmax(-1) == episode.query_y).float().mean().item()
 
 
+# How far above τ every expert must be, with λ at 0 for a whole epoch, for `smat train` to warn of collapsed gates.
+GATE_OVERSHOOT = 0.05
+
 # Tags the per-task seeds: (seed, task index) also seeds the gradient-alignment generators, which must differ.
 TASK_STREAM = 0x7A5C
 
@@ -152,9 +155,10 @@ class Trainer:
         self.train_transform = train_transform(backbone.image_size, tuple(config.crop_scale))
         self.test_transform = test_transform(backbone.image_size)
         self.progress = {"epoch": 0, "task_in_epoch": 0, "tasks_seen": 0, "best_val_acc": None,
-                         "best_epoch": None, "val_acc": None}
+                         "best_epoch": None, "val_acc": None, "lambda_active_updates": 0, "warnings": []}
         self.log_offset = 0
         self.log_file = None
+        self.last_sparsity: list[float] = []          # realised sparsity per expert at the latest meta-update
         self.paths = {name: out / name for name in
                       ("config.yaml", "train_log.jsonl", "resume.pt", "best.pt", "last.pt", "expert_masks.npz",
                        "DONE")}
@@ -186,6 +190,7 @@ class Trainer:
                 self.model.train()
                 while self.progress["task_in_epoch"] < c.tasks_per_epoch:
                     metrics = self._meta_batch()
+                    self.last_sparsity = metrics["sparsity"]
                     bar.update(c.meta_batch)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}")
                     self._write_log({"kind": "train", "task": self.progress["tasks_seen"],
@@ -233,12 +238,18 @@ class Trainer:
                        "stop; run the same command again to resume")
         records = self._gather_task_records(records, failure)
         distributed.all_reduce_gradients(self.trained)
-        step(self.optimisers, self.scaler)
+        grad_norms = {name: (norm if np.isfinite(norm) else None)      # an fp16 overflow step: skipped anyway
+                      for name, norm in step(self.optimisers, self.scaler).items()}
         self.progress["tasks_seen"] += c.meta_batch
         self.progress["task_in_epoch"] += c.meta_batch
         self.model.tasks_seen.fill_(self.progress["tasks_seen"])
         # The same keys for every method: the ones a method has no use for stay empty.
-        return {"temperature": None, "sparsity": [], "lambda": [], "alpha": [], **_mean_metrics(records)}
+        metrics = {"temperature": None, "sparsity": [], "expected_density": [], "gate_band": [], "lambda": [],
+                   "alpha": [], "alpha_entropy": None, **_mean_metrics(records), "grad_norm": grad_norms}
+        if any(value > 0 for value in metrics["lambda"]):
+            self.progress["lambda_active_updates"] = self.progress.get("lambda_active_updates", 0) + 1
+            self.progress["lambda_active_in_epoch"] = True
+        return metrics
 
     def _non_finite_message(self, loss: float, task: int, domain: int) -> str:
         resume = self.paths["resume.pt"]
@@ -269,8 +280,24 @@ class Trainer:
         for record in gradient_alignment(self.model, episodes, n, ga.merged, self.device):
             self._write_log(record)
 
+    def _check_gates(self, sparsity: list[float]) -> None:
+        """Warn once per epoch when the constraint has let go: every expert sparser than τ + 0.05 while λ stayed
+        0 for the whole epoch. Closed gates get no task gradient (METHOD §1.3), so such masks are frozen."""
+        tau, epoch = self.config.tau, self.progress["epoch"]
+        active = self.progress.pop("lambda_active_in_epoch", False)
+        if not sparsity or active or min(sparsity) <= tau + GATE_OVERSHOOT:
+            return
+        message = (f"gates collapsed: every expert is sparser than tau={tau:g} + {GATE_OVERSHOOT:g} (realised "
+                   f"sparsity {min(sparsity):.3f}-{max(sparsity):.3f}) and lambda stayed 0 for all of epoch {epoch}, "
+                   "so the masks no longer move; lower optim.mask_lr or optim.lagrangian_lr (METHOD §1.13)")
+        self.progress.setdefault("warnings", []).append(message)
+        self._write_log({"kind": "warning", "epoch": epoch, "task": self.progress["tasks_seen"], "message": message})
+        if self.main:
+            log.warning("%s: %s", self.out, message)
+
     def _end_epoch(self, val_sets: dict[str, tuple[Store, list]]) -> None:
         epoch = self.progress["epoch"]
+        self._check_gates(self.last_sparsity)
         if val_sets:
             per_domain = self._validate(val_sets)
             acc = float(np.mean(list(per_domain.values())))
@@ -355,7 +382,12 @@ class Trainer:
     def _write_log(self, record: dict) -> None:
         if self.log_file is None:
             return
-        self.log_file.write(json.dumps(record) + "\n")
+        try:        # strict JSON: a non-finite number would write the non-standard token NaN or Infinity
+            line = json.dumps(record, allow_nan=False)
+        except ValueError as err:
+            raise SmatError(f"{self.paths['train_log.jsonl']}: a {record.get('kind')} record holds a non-finite "
+                            f"number ({err}); training stopped") from err
+        self.log_file.write(line + "\n")
         self.log_file.flush()
         self.log_offset = self.log_file.tell()
 

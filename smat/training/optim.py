@@ -24,7 +24,7 @@ from smat.training.config import OptimConfig, ScheduleConfig
 class Optimisers:
     sgd: torch.optim.SGD
     router: torch.optim.AdamW | None
-    clip: list[tuple[list[nn.Parameter], float]]          # (parameters, max gradient norm)
+    clip: list[tuple[str, list[nn.Parameter], float]]     # (group name, parameters, max gradient norm)
 
     def all(self) -> list[torch.optim.Optimizer]:
         return [self.sgd] + ([self.router] if self.router is not None else [])
@@ -49,7 +49,7 @@ def build_optimisers(model, optim: OptimConfig) -> Optimisers:
     sgd_groups, adamw_groups = model.optimiser_groups(optim)
     sgd = torch.optim.SGD([_as_dict(group, sgd=True) for group in sgd_groups])
     router = torch.optim.AdamW([_as_dict(group, sgd=False) for group in adamw_groups]) if adamw_groups else None
-    clip = [(group.params, group.clip) for group in sgd_groups + adamw_groups if group.clip is not None]
+    clip = [(group.name, group.params, group.clip) for group in sgd_groups + adamw_groups if group.clip is not None]
     return Optimisers(sgd, router, clip)
 
 
@@ -76,14 +76,19 @@ def set_epoch_lr(optimisers: Optimisers, epoch: int, schedule: ScheduleConfig) -
     return lrs
 
 
-def step(optimisers: Optimisers, scaler: torch.amp.GradScaler) -> None:
-    """Unscale, clip the log-α and router groups, step both optimisers with one scaler, clear gradients."""
+def step(optimisers: Optimisers, scaler: torch.amp.GradScaler) -> dict[str, float]:
+    """Unscale, clip the log-α and router groups, step both optimisers with one scaler, clear gradients.
+
+    Returns each clipped group's gradient norm before clipping, for the log: above the group's maximum, the
+    clip sets the step size instead of the learning rate (METHOD §1.13)."""
     for optimiser in optimisers.all():
         scaler.unscale_(optimiser)
-    for params, max_norm in optimisers.clip:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = {}
+    for name, params, max_norm in optimisers.clip:
+        norms[name] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     for optimiser in optimisers.all():
         scaler.step(optimiser)
     scaler.update()
     for optimiser in optimisers.all():
         optimiser.zero_grad(set_to_none=True)
+    return norms
