@@ -40,7 +40,7 @@ def _io_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Pa
     # An --out given twice as written is left to the command's own message ("given twice", per-dataset pairing).
     outs = list(dict.fromkeys(Path(p) for p in _as_list(getattr(args, "out", None))))
     outputs = [(p, kind) for p in outs]
-    if args.command == "evaluate":              # EVAL.csv and its summary EVAL.json
+    if args.command in ("evaluate", "anatomy"):     # OUT.csv and its summary OUT.json
         outputs += [(p.with_suffix(".json"), "file") for p in outs]
     if args.command == "pretrain":              # the resume state of an interrupted run, the bare weights
         outputs += [(Path(args.out + ".partial"), "file")] + [(Path(p), "file") for p in _as_list(args.weights_out)]
@@ -238,6 +238,13 @@ def _compare(args: argparse.Namespace) -> None:
     from smat.evaluation.compare import compare_files
 
     print(compare_files(Path(args.a), Path(args.b)))
+
+
+def _anatomy(args: argparse.Namespace) -> None:
+    from smat.analysis.anatomy import run
+
+    run(args.model, Path(args.pretrained), args.datasets, args.roles, [Path(p) for p in args.episodes],
+        [Path(p) for p in args.store], args.limit, Path(args.out), label=args.label, device=args.device)
 
 
 def _tables(args: argparse.Namespace) -> None:
@@ -484,6 +491,28 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="per-episode CSV of `smat evaluate`: the reference A")
     compare.add_argument("b", help="per-episode CSV of the same episodes: the model B compared with A")
 
+    anatomy = commands.add_parser(
+        "anatomy", parents=[device], help="where a model's update from θ_pre lies, and what each part is worth",
+        formatter_class=HelpFormatter,
+        description="Per tensor group (embeddings; per block attention, MLP, norms; final norm): the share of "
+        "‖θ_task − θ_pre‖², each expert's open-gate fraction, and the paired accuracy change on ID and OOD "
+        "datasets when that group's update alone is reverted to θ_pre (METHOD §5.6). Writes OUT (CSV) and "
+        "OUT.json.",
+        epilog=_example("smat anatomy --model results/models/pmf/seed~0/best.pt --pretrained "
+                        "resources/pretrained/vit_tiny_patch4_32.pt --datasets latin-greek digits --roles id ood "
+                        "--episodes results/episodes/{latin-greek,digits}/test.json --store "
+                        "resources/data/{latin-greek,digits} --limit 10 --out results/anatomy/pmf/seed~0.csv"))
+    anatomy.set_defaults(func=_anatomy)
+    anatomy.add_argument("--model", required=True, help="model checkpoint (trained or imported)")
+    anatomy.add_argument("--pretrained", required=True, help="the backbone checkpoint the model departs from (θ_pre)")
+    anatomy.add_argument("--datasets", nargs="+", required=True, metavar="NAME", help="dataset names, in order")
+    anatomy.add_argument("--roles", nargs="+", required=True, choices=["id", "ood"], help="role of each dataset")
+    anatomy.add_argument("--episodes", nargs="+", required=True, help="frozen episode file of each dataset")
+    anatomy.add_argument("--store", nargs="+", required=True, help="store of each dataset")
+    anatomy.add_argument("--limit", type=int, default=10, help="the first N episodes of each file")
+    anatomy.add_argument("--label", default=None, help="name of the model in the table (default: method)")
+    anatomy.add_argument("--out", required=True, help="CSV to write (and OUT.json beside it)")
+
     datasets = argparse.ArgumentParser(add_help=False)
     datasets.add_argument("--id-datasets", nargs="*", default=[], metavar="NAME",
                           help="in-domain datasets, in row order (each must have results)")
@@ -497,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_example("smat tables table1 --eval results/eval/pre/digits/none.csv "
                         "results/eval/pmf/seed~0/digits/none.csv --ood-datasets digits --out-dir results/tables"))
     tables.set_defaults(func=_tables)
-    tables.add_argument("table", choices=["table1", "table2", "reference"], help="which table")
+    tables.add_argument("table", choices=["table1", "table2", "reference", "anatomy"],
+                        help="which table (anatomy: --eval takes the CSVs of `smat anatomy`)")
     tables.add_argument("--eval", nargs="*", default=[], help="per-episode CSVs from `smat evaluate`")
     tables.add_argument("--out-dir", required=True, help="folder to write TABLE.{csv,md,tex} into")
 
@@ -510,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert_masks.npz --out-prefix results/figures/mask_overlap"))
     figures.set_defaults(func=_figures)
     figures.add_argument("figure", choices=["pareto", "grad-alignment", "capacity", "dendrogram",
-                                            "mask-overlap", "curves"], help="which figure")
+                                            "mask-overlap", "curves", "anatomy"], help="which figure")
     figures.add_argument("--inputs", nargs="+", required=True, help="the files the figure reads (see above)")
     figures.add_argument("--out-prefix", required=True, help="writes PREFIX.png and PREFIX.pdf")
     return parser

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from smat.analysis import capacity, curves, dendrogram, grad_alignment, mask_overlap, pareto
+from smat.analysis import anatomy, capacity, curves, dendrogram, grad_alignment, mask_overlap, pareto
 from smat.io import SmatError
 
 # Each module's make(inputs, out_prefix, id_datasets, ood_datasets) writes out_prefix.{png,pdf}
@@ -17,6 +17,7 @@ FIGURES = {
     "dendrogram": dendrogram.make,       # eval CSVs of one SMAT model
     "mask-overlap": mask_overlap.make,   # one expert_masks.npz
     "curves": curves.make,               # train_log.jsonl files
+    "anatomy": anatomy.make,             # CSVs of `smat anatomy`
 }
 
 

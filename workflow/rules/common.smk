@@ -340,7 +340,7 @@ def table_outputs(name):
     return [f"results/tables/{name}.{suffix}" for suffix in ("csv", "md", "tex")]
 
 
-FIGURES = ["pareto", "grad_alignment", "capacity_type", "capacity_depth", "dendrogram", "mask_overlap", "curves"]
+FIGURES = ["pareto", "grad_alignment", "capacity_type", "capacity_depth", "dendrogram", "mask_overlap", "curves", "anatomy"]
 
 
 def all_tables():
@@ -353,7 +353,9 @@ def figure_prefix(wildcards, output):
 
 
 def all_figures():
-    return [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    """The figures, and the update-anatomy table that goes with its figure (anatomy.smk)."""
+    figures = [f"results/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+    return figures + ["results/tables/anatomy.csv", "results/tables/anatomy.md"]
 
 
 def grad_alignment_models():
