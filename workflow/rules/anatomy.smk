@@ -73,5 +73,7 @@ rule table_anatomy:
     localrule: True
     conda:
         "../../envs/smat.yaml"
+    params:
+        models=[f"{MODELS[m].label} ({m})" for m in ANATOMY_IDS],
     shell:
         "smat tables anatomy --eval {input.files} --out-dir results/tables > {log} 2>&1"
