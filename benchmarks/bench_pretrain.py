@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
 COMMITTED = ROOT / "config" / "pretrained" / "vit_tiny_patch4_32-embedded.safetensors"
 WAYS, SHOTS, QUERIES, EPISODES, SEED = 5, 5, 15, 100, 0
+# Glyph domains in θ_pre's corpus besides the benchmark's pre-training domains (config/config.yaml): their
+# train classes only, as converted with --role id.
+GLYPH_CORPUS = ("math-symbols",)
 
 
 def prepare(work: Path) -> dict[str, list[Path]]:
@@ -52,7 +55,7 @@ def prepare(work: Path) -> dict[str, list[Path]]:
         store = work / "stores" / name
         if not (store / "manifest.json").is_file():  # the class splits come from the domain's splits.json
             convert_imagefolder(raw / name, store, role="ood" if info["role"] == "ood" else "id", domain=name)
-        stores[info["role"]].append(store)
+        stores["pretrain" if name in GLYPH_CORPUS else info["role"]].append(store)
     return stores
 
 
