@@ -1,7 +1,7 @@
-"""Do the default run's findings hold for other meta-training seeds? Trains PMF, SMAT and Table 2 row 4
-with meta-training seeds 0, 1 and 2 through the workflow (seed 0 is the default run's, reused if present),
-evaluates them without fine-tuning on the default test episodes, and checks the findings per seed
-(benchmarks/findings.py).
+"""Do the default run's findings hold for other meta-training seeds? Trains PMF, SoftMerge, SMAT at every τ
+of the sweep and Table 2 row 4 with meta-training seeds 0, 1 and 2 through the workflow (seed 0 is the default
+run's, reused if present), evaluates them without fine-tuning on the default test episodes, and checks the
+findings per seed (benchmarks/findings.py).
 
     python benchmarks/bench_seeds.py --run DIR [--cores 2]   # DIR: where `snakemake all_tables` ran
 
@@ -31,7 +31,9 @@ def main() -> int:
     config_file = args.run / "seeds.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     main_smat = config["models"]["smat"]
-    models = [f"smat/tau~{main_smat['tau']}/experts~{main_smat['experts']}", "pmf", "ablation/row~4"]
+    taus = sorted({main_smat["tau"], *config["models"]["sweep"]["tau"]})
+    models = [f"smat/tau~{tau}/experts~{main_smat['experts']}" for tau in taus]
+    models += ["pmf", f"softmerge/experts~{config['models']['softmerge']['experts']}", "ablation/row~4"]
     datasets = [name for name, d in config["datasets"].items() if d["role"] in ("id", "ood")]
     targets = [f"results/eval/{m}/seed~{s}/{d}/none.csv" for m in models for s in SEEDS for d in datasets]
     targets += [f"results/eval/pre/{d}/none.csv" for d in datasets]
@@ -40,7 +42,7 @@ def main() -> int:
     subprocess.run(["snakemake", *targets, "-s", str(ROOT / "Snakefile"), f"--configfile={config_file}",
                     "--cores", str(args.cores), "--rerun-triggers=mtime"], cwd=args.run, check=True)
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "findings.py"), "--run", str(args.run),
-                           "--config", str(config_file), "--label", "seeds"]).returncode
+                           "--config", str(config_file), "--record", "--label", "seeds"]).returncode
 
 
 if __name__ == "__main__":
