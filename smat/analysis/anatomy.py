@@ -301,6 +301,8 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
                             color=colours[model], label=model)
             if ci:
                 ax.axvline(0, color="0.5", linewidth=0.6)
+            else:
+                ax.set_xlim(0, 100)             # shares and open gates: percentages of the whole
             ax.set_title(title, fontsize="small")
             ax.set_yticks(range(len(groups)), groups if ax is np.atleast_1d(axes)[0] else [""] * len(groups))
             ax.set_ylim(len(groups) - 0.5, -0.5)
