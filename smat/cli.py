@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
         "figures", parents=[datasets], help="draw analysis figures", formatter_class=HelpFormatter,
         description="Draw one figure of METHOD §5 as PNG and PDF. pareto and dendrogram read eval CSVs (and "
         "need --id-datasets / --ood-datasets), curves and grad-alignment read train_log.jsonl files, capacity "
-        "and mask-overlap one expert_masks.npz.",
+        "and mask-overlap one expert_masks.npz or a gated model checkpoint (trained or imported by `smat import "
+        "smat-official`: the gate panels need no training).",
         epilog=_example("smat figures mask-overlap --inputs results/models/smat/tau~0.9/experts~8/seed~0/"
                         "expert_masks.npz --out-prefix results/figures/mask_overlap"))
     figures.set_defaults(func=_figures)

@@ -126,3 +126,15 @@ def test_anatomy_refuses_a_backbone_that_is_not_the_models(world, tmp_path):
     datasets = read_datasets(["toy"], ["id"], episodes[:1], stores[:1], limit=1)
     with pytest.raises(Exception, match="do not match the model's backbone"):
         anatomy_table(model, theta_pre, datasets, CPU)
+
+
+def test_gate_figures_read_a_model_checkpoint_without_training(world, tmp_path):
+    """capacity and mask-overlap from a checkpoint's gates (an imported release has no expert_masks.npz)."""
+    root, stores, episodes, pretrained = world
+    model = build_smat(experts=2)
+    checkpoint = tmp_path / "best.pt"
+    save_model_checkpoint(checkpoint, model, to_dict(model.config),
+                          {"arch": ARCH, "image_size": 32, "pretrained_sha256": "0" * 64}, {})
+    for figure in ("capacity", "mask-overlap"):
+        assert main(["figures", figure, "--inputs", str(checkpoint), "--out-prefix", str(tmp_path / figure)]) == 0
+    assert (tmp_path / "capacity_type.png").is_file() and (tmp_path / "mask-overlap.png").is_file()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from smat.analysis.expert_masks import read_expert_masks
+from smat.analysis.expert_masks import masks_of_checkpoint, read_expert_masks
 from smat.analysis.style import COLUMN_WIDTH, TEXT_WIDTH, new_figure, paper_style, save_figure
 from smat.analysis.train_logs import describe_model
 from smat.io import SmatError
@@ -100,8 +100,10 @@ def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], o
     if len(inputs) != 1:
         raise SmatError(f"capacity: expected one expert_masks.npz, got {len(inputs)} inputs")
     path = Path(inputs[0])
-    masks = read_expert_masks(path)
-    tau = describe_model(path.parent)["tau"]
+    if path.suffix in (".pt", ".pth"):          # a model checkpoint, trained or imported: its gates
+        masks, tau = masks_of_checkpoint(path)
+    else:
+        masks, tau = read_expert_masks(path), describe_model(path.parent)["tau"]
     target = 1.0 - tau if tau is not None else None
     by_depth = capacity_by_depth(masks)
     if by_depth.empty:

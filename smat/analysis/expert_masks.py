@@ -1,5 +1,7 @@
 """Read `expert_masks.npz` (written by `smat train`): per backbone parameter, bool (M, *shape), True where
-expert m's eval-mode gate is non-zero (METHOD §5.3–5.5)."""
+expert m's eval-mode gate is non-zero (METHOD §5.3–5.5). A model checkpoint (`smat train`'s best.pt, or an
+imported release of `smat import smat-official`) gives the same masks from its gates, with no training: the
+paper's Fig. 5 panels from the authors' own weights."""
 
 from __future__ import annotations
 
@@ -11,10 +13,23 @@ import numpy as np
 from smat.io import SmatError
 
 
+def masks_of_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], float]:
+    """(eval-mode masks, τ) of a gated model checkpoint."""
+    from smat.methods.registry import load_trained
+
+    model, checkpoint = load_trained(path, "cpu")
+    masks = model.expert_masks() if hasattr(model, "expert_masks") else None
+    if masks is None:
+        raise SmatError(f"{path}: a {model.method} model without gates has no expert masks")
+    return {name: mask.numpy() for name, mask in masks.items()}, float(checkpoint["config"]["tau"])
+
+
 def read_expert_masks(path: Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise SmatError(f"{path}: expert masks not found")
+    if path.suffix in (".pt", ".pth"):
+        return masks_of_checkpoint(path)[0]
     if not zipfile.is_zipfile(path):
         raise SmatError(f"{path}: not a .npz archive; expected the expert_masks.npz written by `smat train`")
     try:
