@@ -66,6 +66,7 @@ def measure_cuda_budget(try_batch: Callable[[int], None], support_size: int, lim
         raise torch.OutOfMemoryError(f"one episode of {support_size} support images does not fit in CUDA memory")
     # Smaller episodes may fill the same images with more episodes; a batch that then runs out of memory is
     # split (EpisodeRunner).
+    stop = min(limit, CUDA_MAX_EPISODES)
     return BatchBudget(episodes=CUDA_MAX_EPISODES, images=2 * fits * support_size,
                        how=f"measured on {torch.cuda.get_device_name()}: {fits} episodes of {support_size} "
-                           f"support images fit (doubling, stopped at out-of-memory or {min(limit, CUDA_MAX_EPISODES)})")
+                           f"support images fit (doubling, stopped at out-of-memory or {stop})")

@@ -3,7 +3,9 @@
 Per episode (METHOD §3.4): the task weights from the support (SMAT: eval-mode masks and router scores, no
 inner step), optional fine-tuning on the support (METHOD §3.5), then cosine-prototype logits of the query.
 Every episode has its own seed, derived from its index and the episode file's seed, so fine-tuning and
-augmentation noise are reproducible and independent of which other episodes are evaluated.
+augmentation noise are reproducible and independent of which other episodes are evaluated. Fine-tuned
+episodes run in batches (`smat.evaluation.finetune`); each row's `seconds` is then its batch's time shared
+equally.
 Pre and PMF without fine-tuning embed each distinct image once (`FeatureCache`); the `seconds` of their
 rows then include an equal share of that embedding time.
 One call may evaluate several datasets (`evaluate_many`): the model is loaded once, which saves the
