@@ -8,11 +8,17 @@ After `kill -9` of Snakemake: `snakemake --unlock`, then the same command with `
 (workflow/profiles/README.md).
 """
 
+import os
+
 from snakemake.utils import min_version, validate
 
 from smat.config import exponents_as_numbers
 
 min_version("9.0")
+
+# Where the conda environment's post-deploy script installs the package from (envs/smat.post-deploy.sh), since
+# Snakemake runs it from a copy under .snakemake/conda/.
+os.environ.setdefault("SMAT_WORKFLOW_DIR", workflow.basedir)
 
 
 # The embedded default, unless --configfile names a complete config of its own (config/paper.yaml, ...):

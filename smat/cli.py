@@ -46,7 +46,8 @@ def _io_paths(args: argparse.Namespace) -> tuple[list[tuple[Path, str]], list[Pa
         outputs += [(Path(args.out + ".partial"), "file")] + [(Path(p), "file") for p in _as_list(args.weights_out)]
     if args.command == "tables":
         name = "table_reference" if args.table == "reference" else args.table
-        outputs += [(Path(args.out_dir) / f"{name}.{ext}", "file") for ext in ("csv", "md", "tex", "provenance.json")]
+        outputs += [(Path(args.out_dir) / f"{name}.{ext}", "file") for ext in ("csv", "md", "tex", "html",
+                                                                              "provenance.json")]
     if args.command == "figures":
         outputs += [(Path(args.out_prefix + ext), "file") for ext in (".png", ".pdf")]
     inputs = [Path(p) for name in ("src", "splits", "store", "config", "pretrained", "checkpoint", "router_extra",

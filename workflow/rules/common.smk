@@ -337,10 +337,19 @@ def eval_csvs(model_ids, finetunes=("none",), datasets=None):
 
 
 def table_outputs(name):
-    return [f"results/tables/{name}.{suffix}" for suffix in ("csv", "md", "tex")]
+    return [f"results/tables/{name}.{suffix}" for suffix in ("csv", "md", "tex", "html")]
 
 
-FIGURES = ["pareto", "grad_alignment", "capacity_type", "capacity_depth", "dendrogram", "mask_overlap", "curves", "anatomy"]
+FIGURES = [
+    "pareto",
+    "grad_alignment",
+    "capacity_type",
+    "capacity_depth",
+    "dendrogram",
+    "mask_overlap",
+    "curves",
+    "anatomy",
+]
 
 
 def all_tables():
