@@ -17,7 +17,7 @@ from smat.config import exponents_as_numbers
 min_version("9.0")
 
 # Where the conda environment's post-deploy script installs the package from (envs/smat.post-deploy.sh), since
-# Snakemake runs it from a copy under .snakemake/conda/.
+# Snakemake runs it from a copy in its own conda folder.
 os.environ.setdefault("SMAT_WORKFLOW_DIR", workflow.basedir)
 
 

@@ -302,7 +302,7 @@ def test_store_without_train_classes_is_rejected(data):
 @pytest.mark.parametrize("override, message", [("method=maml", "method"), ("switches.foo=true", "unknown key"),
                                                ("tau=1.5", "tau"), ("experts=0", "experts"),
                                                ("optim.delta_lr=-1e-3", r"optim: delta_lr=-0.001: must be > 0"),
-                                               ("optim.mask_lr=.inf", "mask_lr=inf: must be > 0"),
+                                               ("optim.mask_lr=.inf", "optim.mask_lr: inf is not a finite number"),
                                                ("seed=-1", r"seed=-1: must be an integer in \[0, "),
                                                ("crop_scale=[0.5]", "expected 2 values"),
                                                ("teacher.kd_weight=1.5", r"kd_weight=1.5: must be in \[0, 1\]")])
