@@ -56,6 +56,8 @@ def prepare(work: Path) -> dict[str, list[Path]]:
         if not (store / "manifest.json").is_file():  # the class splits come from the domain's splits.json
             convert_imagefolder(raw / name, store, role="ood" if info["role"] == "ood" else "id", domain=name)
         stores["pretrain" if name in GLYPH_CORPUS else info["role"]].append(store)
+    # The corpus in the order of the documented command (config/config.yaml): the glyph domains last.
+    stores["pretrain"].sort(key=lambda store: store.name in GLYPH_CORPUS)
     return stores
 
 
