@@ -51,11 +51,11 @@ def one_line_error(capsys, args: list[str]) -> str:
     return err[0]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+def tiny_world(root: Path, n_classes: int, n_episodes: int) -> Path:
+    """ROOT/raw (random 32-px images, 6 per class), ROOT/store, ROOT/tiny.pt (a random tiny ViT) and
+    ROOT/episodes.json (2-way 1-shot test episodes), made through the CLI."""
     rng = np.random.default_rng(0)
-    for c in range(10):
+    for c in range(n_classes):
         (root / "raw" / f"class{c}").mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "raw" / f"class{c}" / f"{i}.png")
@@ -63,9 +63,14 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(root / "tiny.pt", ARCH, create_backbone(ARCH).vit.state_dict(), source="test", sha256=None,
                     meta={"image_size": 32})
-    assert main(["episodes", "sample", "--store", str(root / "store"), "--split", "test", "--n", "40", "--ways", "2",
-                 "--shots", "1", "--queries", "1", "--out", str(root / "episodes.json")]) == 0
+    assert main(["episodes", "sample", "--store", str(root / "store"), "--split", "test", "--n", str(n_episodes),
+                 "--ways", "2", "--shots", "1", "--queries", "1", "--out", str(root / "episodes.json")]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("hostile"), n_classes=10, n_episodes=40)
 
 
 # --- image decoding: every PIL mode ---------------------------------------------------------------------------------

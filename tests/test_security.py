@@ -13,19 +13,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from smat.cli import main
 from smat.data.store import manifest_digest
-from smat.models.backbones import create_backbone
-from smat.models.checkpoint import save_checkpoint
+from tests.test_hostile_inputs import one_line_error, tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vit_tiny_patch4_32"
@@ -44,27 +41,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    rng = np.random.default_rng(0)
-    for c in range(6):
-        (root / "raw" / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "raw" / f"class{c}" / f"{i}.png")
-    assert main(["data", "convert", "imagefolder", str(root / "raw"), "--out", str(root / "store"), "--role", "id"]) == 0
-    torch.manual_seed(0)
-    save_checkpoint(root / "tiny.pt", ARCH, create_backbone(ARCH).vit.state_dict(), source="test", sha256=None,
-                    meta={"image_size": 32})
-    assert main(["episodes", "sample", "--store", str(root / "store"), "--split", "test", "--n", "2", "--ways", "2",
-                 "--shots", "1", "--queries", "1", "--out", str(root / "episodes.json")]) == 0
-    return root
-
-
-def one_line_error(capsys, args: list[str]) -> str:
-    """The command's one-line error (exit 2); progress bars (tqdm, on stderr) aside."""
-    assert main(args) == 2
-    err = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err.strip()) if line and "%|" not in line]
-    assert len(err) == 1 and err[0].startswith("smat: error: "), err
-    return err[0]
+    return tiny_world(tmp_path_factory.mktemp("security"), n_classes=6, n_episodes=2)
 
 
 # --- payloads in every loader ------------------------------------------------------------------------------------
