@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from smat.evaluation.stats import paired_difference
+from smat.evaluation.stats import paired_difference, propagated_ci
 from smat.io import provenance, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +39,7 @@ def mean_paired(run: Path, a: str, b: str, datasets: list[str]) -> dict[str, flo
     """b − a: the mean over datasets of the paired per-dataset differences, with its 95% CI."""
     per = [paired_difference(accuracies(run, a, d), accuracies(run, b, d)) for d in datasets]
     return {"mean": round(sum(s.mean for s in per) / len(per), 2),
-            "ci95": round(math.sqrt(sum(s.ci95 ** 2 for s in per)) / len(per), 2),
+            "ci95": round(propagated_ci([s.ci95 for s in per]), 2),
             "per_dataset": {d: round(s.mean, 2) for d, s in zip(datasets, per)}}
 
 

@@ -32,7 +32,7 @@ from smat.data.loader import load_episode
 from smat.data.store import Store
 from smat.data.transforms import test_transform
 from smat.evaluation.feature_cache import FeatureCache
-from smat.evaluation.stats import paired_difference
+from smat.evaluation.stats import paired_difference, propagated_ci
 from smat.io import SmatError
 from smat.methods.base import backbone_parameters
 
@@ -184,9 +184,7 @@ def revert_effects(accuracies: pd.DataFrame) -> pd.DataFrame:
                 per.append(paired_difference(before, part["accuracy"].tolist()))
             if per:
                 row[f"delta_{role}"] = sum(s.mean for s in per) / len(per)
-                cis = [s.ci95 for s in per]
-                row[f"ci_{role}"] = (math.sqrt(sum(c ** 2 for c in cis)) / len(per)
-                                     if all(c is not None for c in cis) else math.nan)
+                row[f"ci_{role}"] = propagated_ci([math.nan if s.ci95 is None else s.ci95 for s in per])
         rows.append(row)
     return pd.DataFrame(rows)
 

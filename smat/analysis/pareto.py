@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -22,6 +21,7 @@ from matplotlib.lines import Line2D
 from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
 from smat.methods.registry import column_rank
 from smat.analysis.style import MARKERS, new_figure, paper_style, save_figure
+from smat.evaluation.stats import propagated_ci
 from smat.io import SmatError
 
 # Reference models (Pre, PMF, SoftMerge, ...) are hollow black markers, SMAT models filled by τ.
@@ -66,14 +66,9 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
         rows.append({"model_id": model_id, "label": first["label"], "method": first["method"], "tau": tau,
                      "experts": experts, "id": np.mean([means[(model_id, d)] for d in id_datasets]),
                      "ood": np.mean([means[(model_id, d)] for d in ood_datasets]),
-                     "id_ci95": _propagated([cis[(model_id, d)] for d in id_datasets]),
-                     "ood_ci95": _propagated([cis[(model_id, d)] for d in ood_datasets])})
+                     "id_ci95": propagated_ci([cis[(model_id, d)] for d in id_datasets]),
+                     "ood_ci95": propagated_ci([cis[(model_id, d)] for d in ood_datasets])})
     return pd.DataFrame(rows)
-
-
-def _propagated(ci95s: list[float]) -> float:
-    """CI of the mean of k independent means with these CIs: √(Σ CI²)/k."""
-    return math.sqrt(sum(ci ** 2 for ci in ci95s)) / len(ci95s)
 
 
 def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> None:

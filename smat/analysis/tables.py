@@ -35,6 +35,7 @@ from smat.analysis import published
 from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
 from smat.methods.registry import SWITCH_LABELS, SWITCH_NAMES, column_rank
 from smat.analysis.render import Cell, format_mean_ci, latex, markdown
+from smat.evaluation.stats import propagated_ci
 from smat.io import SmatError, atomic_path, provenance, sha256_file
 
 FINETUNE_SUFFIX = {"none": "", "full": "+full", "lora": "+LoRA"}
@@ -151,7 +152,7 @@ def _average_cell(cells: list[dict], block: str, column: Column) -> dict:
         return _record(f"{block} Avg", block, "average", column, math.nan, math.nan, n=0, n_datasets=0)
     k = len(cells)
     return _record(f"{block} Avg", block, "average", column, mean=sum(c["mean"] for c in cells) / k,
-                   ci95=math.sqrt(sum(c["ci95"] ** 2 for c in cells)) / k, n=sum(c["n"] for c in cells),
+                   ci95=propagated_ci([c["ci95"] for c in cells]), n=sum(c["n"] for c in cells),
                    n_datasets=k)
 
 

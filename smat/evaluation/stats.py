@@ -44,6 +44,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Summary:
     return summarize([y - x for x, y in zip(a, b)], what="paired differences")
 
 
+def propagated_ci(ci95s: Sequence[float]) -> float:
+    """95% CI of the mean of k independent means with these CIs, √(Σ CI²)/k: the CI of an average over datasets
+    (METHOD §3.4). A NaN CI makes the result NaN."""
+    return math.sqrt(sum(ci ** 2 for ci in ci95s)) / len(ci95s)
+
+
 def format_summary(summary: Summary, digits: int = 2) -> str:
     """'84.23 ± 0.61 (n = 600)'; the CI is shown as 'n/a' for a single value."""
     ci = "n/a" if summary.ci95 is None else f"{summary.ci95:.{digits}f}"
