@@ -41,6 +41,7 @@ BASE = [f"image_size={SIZE}", "experts=2", "tau=0.5", "grad_alignment.interval=4
 RUNS = {                                 # name: (overrides, tolerance of the parameters, of the router's)
     "smat-b2": (BASE, 0.0, 0.0),
     "smat-b4": (BASE + ["meta_batch=4", "epochs=1"], 1e-6, 2e-5),
+    "smat-b4-substeps": (BASE + ["meta_batch=4", "epochs=1", "optim.constraint_substeps=4"], 1e-6, 2e-5),
     "pmf-b4": (BASE + ["method=pmf", "meta_batch=4", "epochs=1"], 1e-6, None),
 }
 NOT_DIVISIBLE = BASE + ["meta_batch=3", "tasks_per_epoch=6"]

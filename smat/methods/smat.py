@@ -21,8 +21,8 @@ from smat.methods.experts import DenseDelta, ParamLayout, SparseInterpolatedExpe
 from smat.methods.gates import HardConcrete
 from smat.methods.head import CosineHead
 from smat.methods.router import Router, router_temperature
-from smat.methods.sparsity import (expected_density, realised_sparsity, reset_multipliers_, sparsity_losses,
-                                   transition_band)
+from smat.methods.sparsity import (expected_density, integrate_constraint_, realised_sparsity, reset_multipliers_,
+                                   sparsity_losses, transition_band)
 from smat.methods.teacher import dense_teacher_logits, kd_loss
 
 
@@ -58,7 +58,8 @@ class SMAT(FewShotModel):
 
     def __init__(self, backbone: nn.Module, experts: nn.Module, router: Router | None, *, tau: float,
                  inner_lr: float, meta: bool, distill: bool, teacher_lr: float, kd_weight: float,
-                 kd_temperature: float, temperature: tuple[float, float, float], logit_l2: float) -> None:
+                 kd_temperature: float, temperature: tuple[float, float, float], logit_l2: float,
+                 constraint_substeps: int = 1) -> None:
         super().__init__(backbone, CosineHead(learnable=False))
         self.backbone.requires_grad_(False)             # θ_pre stays frozen (METHOD §1.1)
         self.experts = experts
@@ -73,6 +74,7 @@ class SMAT(FewShotModel):
         self.kd_temperature = kd_temperature
         self.temperature_schedule = temperature
         self.logit_l2 = logit_l2
+        self.constraint_substeps = constraint_substeps
 
     @classmethod
     def from_config(cls, backbone: nn.Module, config) -> "SMAT":
@@ -93,7 +95,7 @@ class SMAT(FewShotModel):
                    distill=switches.dt, teacher_lr=config.teacher.lr, kd_weight=config.teacher.kd_weight,
                    kd_temperature=config.teacher.temperature,
                    temperature=(r.temperature_start, r.temperature_min, r.temperature_decay_tasks),
-                   logit_l2=r.logit_l2)
+                   logit_l2=r.logit_l2, constraint_substeps=config.optim.constraint_substeps)
 
     @staticmethod
     def dense_experts(layout: ParamLayout, experts: int) -> nn.Module:
@@ -197,8 +199,9 @@ class SMAT(FewShotModel):
             sparsity = realised_sparsity(gates)
             reset_multipliers_(self.lagrangian, sparsity, self.tau)
             density = expected_density(self.experts.hard_concrete, self.experts.log_alpha)
-            l_sparsity, l_lagrangian = sparsity_losses(density, sparsity, self.lagrangian, alpha, self.tau)
-            loss = loss + l_sparsity + l_lagrangian
+            if self.constraint_substeps == 1:       # else `end_update_` integrates them after the step
+                l_sparsity, l_lagrangian = sparsity_losses(density, sparsity, self.lagrangian, alpha, self.tau)
+                loss = loss + l_sparsity + l_lagrangian
             metrics.update(sparsity=sparsity.tolist(), expected_density=density.detach().tolist(),
                            gate_band=transition_band(gates).tolist(),
                            **{"lambda": self.lagrangian.detach().tolist()})
@@ -206,6 +209,13 @@ class SMAT(FewShotModel):
             loss = loss + self.logit_l2 * logits.pow(2).mean()
         metrics["loss"] = loss.item()
         return TaskOutput(loss, metrics, weights)
+
+    def end_update_(self, alpha: list[float], lrs: dict[str, float]) -> None:
+        """After the optimiser step: the sparsity constraint's update in `constraint_substeps` parts (METHOD §1.13),
+        from the update's mean α and the epoch's mask and λ learning rates. Nothing when the losses hold it."""
+        if self.experts.has_gates and self.constraint_substeps > 1:
+            integrate_constraint_(self.experts, self.lagrangian.data, torch.tensor(alpha), self.tau, lrs["masks"],
+                                  lrs["lagrangian"], self.constraint_substeps)
 
     def replay_task_state_(self) -> None:
         """Apply what one training task changes in the model besides gradients, without running it (METHOD §11).

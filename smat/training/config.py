@@ -78,6 +78,8 @@ class OptimConfig:
     mask_lr: float = 1e6
     mask_clip: float = 5.0              # gradient-norm clip of the log-alpha group (the only clipped SGD group)
     lagrangian_lr: float = 2e-3
+    constraint_substeps: int = 1        # 1: the L0 path is in the task loss (the paper); K > 1: it is integrated
+                                        # after each update in K steps of lr / K (METHOD §1.13)
     router_lr: float = 1e-4
     router_weight_decay: float = 1e-2
     router_clip: float = 1.0
@@ -87,7 +89,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("delta_lr", "mask_lr", "lagrangian_lr", "router_lr", "pmf_lr", "mask_clip",
-                                     "router_clip"),
+                                     "router_clip", "constraint_substeps"),
                      non_negative=("delta_weight_decay", "router_weight_decay", "pmf_weight_decay"))
         for name in ("delta_momentum", "pmf_momentum"):
             if not 0 <= getattr(self, name) < 1:

@@ -94,6 +94,7 @@ GATE_OVERSHOOT = 0.05
 
 # Tags the per-task seeds: (seed, task index) also seeds the gradient-alignment generators, which must differ.
 TASK_STREAM = 0x7A5C
+UPDATE_STREAM = 0x7A5D
 
 
 def task_seeds(seed: int, task: int) -> tuple[int, int]:
@@ -101,6 +102,12 @@ def task_seeds(seed: int, task: int) -> tuple[int, int]:
     seed and the index alone, so that any number of processes draws what one process draws (METHOD §11)."""
     augment, forward = np.random.SeedSequence([TASK_STREAM, seed, task]).generate_state(2, np.uint64) >> np.uint64(1)
     return int(augment), int(forward)
+
+
+def update_seed(seed: int, first_task: int) -> int:
+    """Seed of what a meta-update computes after its step (the gate samples of `end_update_`), from the config seed
+    and the update's first task alone: the same in every process."""
+    return int(np.random.SeedSequence([UPDATE_STREAM, seed, first_task]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @contextlib.contextmanager
@@ -240,12 +247,17 @@ class Trainer:
         distributed.all_reduce_gradients(self.trained)
         grad_norms = {name: (norm if np.isfinite(norm) else None)      # an fp16 overflow step: skipped anyway
                       for name, norm in step(self.optimisers, self.scaler).items()}
+        task_means = _mean_metrics(records)
+        if end_update := getattr(self.model, "end_update_", None):
+            lrs = {group["name"]: group["lr"] for group in self.optimisers.sgd.param_groups}
+            with seeded_global_rng(update_seed(c.seed, first), self.device):
+                end_update(task_means["alpha"], lrs)
         self.progress["tasks_seen"] += c.meta_batch
         self.progress["task_in_epoch"] += c.meta_batch
         self.model.tasks_seen.fill_(self.progress["tasks_seen"])
         # The same keys for every method: the ones a method has no use for stay empty.
         metrics = {"temperature": None, "sparsity": [], "expected_density": [], "gate_band": [], "lambda": [],
-                   "alpha": [], "alpha_entropy": None, **_mean_metrics(records), "grad_norm": grad_norms}
+                   "alpha": [], "alpha_entropy": None, **task_means, "grad_norm": grad_norms}
         if any(value > 0 for value in metrics["lambda"]):
             self.progress["lambda_active_updates"] = self.progress.get("lambda_active_updates", 0) + 1
             self.progress["lambda_active_in_epoch"] = True
