@@ -286,14 +286,21 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    return read_json_sha256(path)[0]
+
+
+def read_json_sha256(path: str | os.PathLike) -> tuple[Any, str]:
+    """The parsed JSON file and the sha256 of the very bytes that were parsed (read once, so a file replaced
+    meanwhile cannot give one version's content with another's hash)."""
     path = Path(path)
     if path.exists() and not path.is_file():       # a FIFO would block the read, a folder fail obscurely
         raise SmatError(f"{path}: not a regular file")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SmatError(f"{path}: file not found") from None
+    try:
+        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
     except json.JSONDecodeError as err:
         raise SmatError(f"{path}: not valid JSON ({err})") from None
 
@@ -355,6 +362,14 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def check_unchanged(path: str | os.PathLike, sha256: str, what: str) -> None:
+    """SmatError unless the file at `path` still has the `sha256` taken before it was read: re-checked after
+    reading, so that what was read is what the result records."""
+    if (now := sha256_file(path)) != sha256:
+        raise SmatError(f"{path}: the {what} changed while it was being read (sha256 {sha256[:12]} before, "
+                        f"{now[:12]} after); re-run once nothing writes it")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -3,7 +3,9 @@ its range says):
 
 * every PIL mode decoded by its real range; NaN, infinity and out-of-range samples refused by name;
 * every numeric config setting refuses NaN and infinity (cases generated from the config dataclasses);
-* damaged episode files and stores (edited manifest, a class or image reached twice);
+* damaged episode files and stores (edited manifest, a class or image reached twice, pixels changed after
+  conversion); episode and model files replaced while a run reads them; tables mixing two models under one
+  label or two episode files in one dataset row;
 * a full disk for every writer; temporary files of killed writers removed by the next run; one `smat train`
   per --out.
 """
@@ -11,6 +13,7 @@ its range says):
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -32,7 +35,7 @@ from smat.cli import main
 from smat.config import load_config, nonfinite_keys
 from smat.data.episodes import load_episode_file
 from smat.data.store import SourceClass, Store, _decode, write_store
-from smat.io import SmatError, atomic_path, run_lock
+from smat.io import SmatError, atomic_path, run_lock, sha256_file
 from smat.models.backbones import create_backbone
 from smat.models.checkpoint import save_checkpoint
 from smat.pretrain import PretrainConfig
@@ -341,6 +344,156 @@ def test_a_class_folder_or_image_reached_twice_is_refused(data, tmp_path, capsys
     (raw / "class8").rename(tmp_path / "elsewhere")  # a linked folder that is not another class is fine
     (raw / "class8").symlink_to(tmp_path / "elsewhere")
     assert main(["data", "convert", "imagefolder", str(raw), "--out", str(tmp_path / "s")]) == 0
+
+
+# --- what a result read: store pixels, episode file, model file; tables of one model per label ------------------------
+
+def _evaluate(data: Path, out: Path, *, model: str = "tiny.pt", episodes: str = "episodes.json",
+              store: str = "store", label: str = "Pre") -> list[str]:
+    return ["evaluate", "--model", f"pretrained:{data / model}", "--episodes", str(data / episodes), "--store",
+            str(data / store), "--out", str(out), "--label", label, "--limit", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "rolled"])
+def test_store_pixels_changed_after_conversion_are_an_error_not_a_chance_result(data, tmp_path, capsys, damage):
+    store = tmp_path / "store"
+    shutil.copytree(data / "store", store)
+    images = np.load(store / "images.npy", mmap_mode="r+")
+    if damage == "zeroed":
+        images[:] = 0
+    else:                                                     # every image one row on: labels no longer fit
+        images[:] = np.roll(np.array(images), 1, axis=0)
+    images.flush()
+    del images
+    out = tmp_path / "e.csv"
+    message = one_line_error(capsys, ["evaluate", "--model", f"pretrained:{data / 'tiny.pt'}", "--episodes",
+                                      str(data / "episodes.json"), "--store", str(store), "--out", str(out),
+                                      "--device", "cpu"])
+    assert f"{store}: the pixels of class 'class" in message and "of images.npy) differ from the sha256" in message
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert "differ from the sha256" in one_line_error(capsys, ["data", "check", str(store)])
+
+
+def test_a_store_without_class_hashes_is_refused_by_evaluation(data, tmp_path, capsys):
+    from smat.data.store import manifest_digest
+
+    store = tmp_path / "store"
+    shutil.copytree(data / "store", store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["class_sha256"]                              # as an older smat wrote it
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    assert Store(store).classes                               # readable for other uses
+    message = one_line_error(capsys, _evaluate(data, tmp_path / "e.csv", store=str(store)))
+    assert "no class_sha256" in message and "re-create the store with `smat data convert`" in message
+
+
+def test_an_episode_file_replaced_during_the_run_is_not_the_one_recorded(data, tmp_path, monkeypatch):
+    """The file is replaced after it was read (while the model loads): the result records the sha256 of the
+    bytes that were parsed, and its rows are those episodes."""
+    import hashlib
+
+    import smat.evaluation.evaluate as evaluate
+
+    episodes = tmp_path / "episodes.json"
+    shutil.copy(data / "episodes.json", episodes)
+    parsed = hashlib.sha256(episodes.read_bytes()).hexdigest()
+    real_load = evaluate.load_model_with_info
+
+    def replace_then_load(*args, **kwargs):
+        assert main(["episodes", "sample", "--store", str(data / "store"), "--split", "test", "--n", "40",
+                     "--ways", "2", "--shots", "1", "--queries", "2", "--out", str(tmp_path / "other.json")]) == 0
+        os.replace(tmp_path / "other.json", episodes)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_model_with_info", replace_then_load)
+    summary = evaluate.evaluate(f"pretrained:{data / 'tiny.pt'}", episodes, data / "store", limit=2,
+                                out=tmp_path / "e.csv", device="cpu", progress=False)
+    assert hashlib.sha256(episodes.read_bytes()).hexdigest() != parsed
+    assert summary["provenance"]["episodes_sha256"] == parsed
+    assert {row["query_size"] for row in csv.DictReader(open(tmp_path / "e.csv"))} == {"2"}    # 2 ways x 1 query
+
+
+def test_a_model_file_replaced_while_it_loads_is_an_error(data, tmp_path, capsys, monkeypatch):
+    import smat.methods.registry as registry
+
+    model = tmp_path / "tiny.pt"
+    shutil.copy(data / "tiny.pt", model)
+    real_load = registry.load_model
+
+    def load_then_replace(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        torch.manual_seed(1)
+        save_checkpoint(model, ARCH, create_backbone(ARCH).vit.state_dict(), source="test", sha256=None,
+                        meta={"image_size": 32})
+        return loaded
+
+    monkeypatch.setattr(registry, "load_model", load_then_replace)
+    message = one_line_error(capsys, _evaluate(tmp_path, tmp_path / "e.csv", episodes=str(data / "episodes.json"),
+                                               store=str(data / "store")))
+    assert f"{model}: the model file changed while it was being read" in message
+    assert not (tmp_path / "e.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def two_datasets(data, tmp_path_factory):
+    """A second store ("other", from the same images), a second model and a second episode file of each store."""
+    root = tmp_path_factory.mktemp("identities")
+    assert main(["data", "convert", "imagefolder", str(data / "raw"), "--out", str(root / "store2"), "--role", "id",
+                 "--domain", "other"]) == 0
+    torch.manual_seed(1)
+    save_checkpoint(root / "tiny2.pt", ARCH, create_backbone(ARCH).vit.state_dict(), source="test", sha256=None,
+                    meta={"image_size": 32})
+    shutil.copy(data / "tiny.pt", root / "tiny.pt")
+    shutil.copytree(data / "store", root / "store")
+    for store, name, seed in (("store", "episodes.json", 0), ("store2", "episodes2.json", 0),
+                              ("store", "reseeded.json", 5)):
+        assert main(["episodes", "sample", "--store", str(root / store), "--split", "test", "--n", "4", "--ways",
+                     "2", "--shots", "1", "--queries", "1", "--seed", str(seed), "--out", str(root / name)]) == 0
+    return root
+
+
+def _table(out: Path, evals: list[Path]) -> list[str]:
+    return ["tables", "table1", "--eval", *map(str, evals), "--id-datasets", *sorted({_dataset(e) for e in evals}),
+            "--out-dir", str(out)]
+
+
+def _dataset(csv_path: Path) -> str:
+    return next(csv.DictReader(open(csv_path)))["dataset"]
+
+
+def test_tables_refuse_two_models_under_one_label_or_two_episode_files_for_one_dataset(two_datasets, tmp_path,
+                                                                                       capsys):
+    w = two_datasets
+    run = {name: tmp_path / f"{name}.csv" for name in ("a_raw", "a_other", "b_raw", "b_other", "a_reseeded")}
+    for name, args in {"a_raw": {}, "a_other": {"store": "store2", "episodes": "episodes2.json"},
+                       "b_raw": {"model": "tiny2.pt", "label": "B"},
+                       "b_other": {"model": "tiny2.pt", "label": "B", "store": "store2", "episodes": "episodes2.json"},
+                       "a_reseeded": {"label": "B", "episodes": "reseeded.json"}}.items():
+        assert main(_evaluate(w, run[name], **args)) == 0
+    sha = {name: json.loads(run[name].with_suffix(".json").read_text())["provenance"] for name in run}
+
+    # The normal table: one model per label, one episode file per dataset.
+    assert main(_table(tmp_path / "good", [run["a_raw"], run["a_other"], run["b_raw"], run["b_other"]])) == 0
+    assert (tmp_path / "good" / "table1.md").is_file()
+
+    # Column "B" from two models: tiny2.pt on "raw", tiny.pt on "other".
+    mixed = tmp_path / "b_mixed.csv"
+    assert main(_evaluate(w, mixed, label="B", store="store2", episodes="episodes2.json")) == 0
+    message = one_line_error(capsys, _table(tmp_path / "t1", [run["a_raw"], run["b_raw"], mixed]))
+    assert (f"{run['b_raw']} and {mixed} come from different model files for label 'B' (sha256 "
+            f"{sha['b_raw']['model_sha256'][:12]} vs {sha['a_raw']['model_sha256'][:12]})") in message
+    assert not (tmp_path / "t1").exists()
+
+    # Row "raw" from two episode files.
+    message = one_line_error(capsys, _table(tmp_path / "t2", [run["a_raw"], run["a_reseeded"]]))
+    assert (f"{run['a_raw']} and {run['a_reseeded']} come from different episode files for dataset 'raw' (sha256 "
+            f"{sha['a_raw']['episodes_sha256'][:12]} vs {sha['a_reseeded']['episodes_sha256'][:12]})") in message
+    # Each result records what it read, hashed as it was read.
+    assert sha["a_raw"]["episodes_sha256"] == sha256_file(w / "episodes.json")
+    assert sha["a_raw"]["model_sha256"] == sha256_file(w / "tiny.pt")
+    assert sha["a_raw"]["store_manifest_sha256"] == json.loads((w / "store" / "manifest.json").read_text())[
+        "manifest_sha256"]
 
 
 # --- full disk, killed writers, concurrent runs -------------------------------------------------------------------

@@ -209,8 +209,8 @@ def test_reference_table_reproduces_the_published_numbers(tmp_path):
     ("unknown_dataset", "no results for dataset\\(s\\) typo"),
     ("duplicate", "label 'SMAT', dataset 'a', finetune 'none' appears in more than one file"),
     ("no_datasets", "pass the dataset names with --id-datasets"),
-    ("other_episodes", r"pmf\.csv: dataset 'a' was evaluated on other episodes than .*smat\.csv \(episode files "
-                       r"bbbbbbbbbbbb vs aaaaaaaaaaaa\)"),
+    ("other_episodes", r"smat\.csv and .*pmf\.csv come from different episode files for dataset 'a' \(sha256 "
+                       r"aaaaaaaaaaaa vs bbbbbbbbbbbb\)"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case, message):
     good = write_eval(tmp_path / "smat.csv", "SMAT", "smat", {"a": [1.0, 2.0], "b": [3.0, 4.0]},

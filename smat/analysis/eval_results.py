@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from smat.evaluation.results import FINETUNE_MODES, read_results, read_summary
+from smat.evaluation.results import FINETUNE_MODES, check_same_sha256, read_results, recorded_inputs
 from smat.evaluation.stats import summarize
 from smat.io import SmatError
 from smat.methods.registry import SWITCH_NAMES
@@ -35,7 +35,7 @@ def read_eval_csvs(paths: Sequence[Path]) -> pd.DataFrame:
     if not paths:
         raise SmatError("no eval CSV files given: pass the per-episode CSVs written by `smat evaluate`")
     results = pd.concat([_read_one(Path(path)) for path in paths], ignore_index=True)
-    _check_same_episodes([Path(p) for p in paths], results)
+    _check_same_inputs([Path(p) for p in paths], results)
 
     owners = results.groupby(["label", "dataset", "finetune"])["source"].unique()
     clashes = owners[owners.map(len) > 1]
@@ -55,22 +55,17 @@ def read_eval_csvs(paths: Sequence[Path]) -> pd.DataFrame:
     return results
 
 
-def _check_same_episodes(paths: list[Path], results: pd.DataFrame) -> None:
-    """Every file of one dataset scored the same frozen episode file (by the sha256 its summary records), so
-    that the columns of a table are paired comparisons; files without a summary are not checked."""
-    seen: dict[str, tuple[str, Path]] = {}
-    datasets = results.groupby("source")["dataset"].first()
-    for path in paths:
-        summary = read_summary(path)
-        sha = ((summary or {}).get("provenance") or {}).get("episodes_sha256")
-        if not sha:
-            continue
-        dataset = datasets[str(path)]
-        first = seen.setdefault(dataset, (sha, path))
-        if first[0] != sha:
-            raise SmatError(f"{path}: dataset {dataset!r} was evaluated on other episodes than {first[1]} "
-                            f"(episode files {sha[:12]} vs {first[0][:12]}); evaluate every model on the same "
-                            "episode file")
+def _check_same_inputs(paths: list[Path], results: pd.DataFrame) -> None:
+    """The files of one dataset (a table row) scored the same frozen episode file, and the files of one label (a
+    table column) the same model file, by the sha256 their summaries record: the columns are then paired
+    comparisons and each column is one model. Files without a summary are not checked."""
+    recorded = {str(path): recorded_inputs(path) for path in paths}
+    for column, sha_key, what, fix in (
+            ("dataset", "episodes_sha256", "episode files", "evaluate every model on the same episode file"),
+            ("label", "model_sha256", "model files", "one label is one model: give each model its own --label")):
+        for value, sources in results.groupby(column, sort=False)["source"].unique().items():
+            check_same_sha256([(Path(s), recorded[s].get(sha_key)) for s in sources], f"{what} for {column} {value!r}",
+                              fix)
 
 
 def _read_one(path: Path) -> pd.DataFrame:

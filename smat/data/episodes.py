@@ -26,7 +26,7 @@ import numpy as np
 
 from smat.data.hierarchy import DagHierarchy, FlatHierarchy, GroupHierarchy, build_hierarchy
 from smat.data.store import SPLITS, Store
-from smat.io import SmatError, read_json, write_json
+from smat.io import SmatError, read_json_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,10 @@ def _sample(store: Store, split: str, n: int, seed: int, ways: int | None, shots
 
 
 def load_episode_file(path: str | os.PathLike, store: Store) -> tuple[list[Episode], dict[str, Any]]:
-    """Episodes of a file written by `sample_to_file`, checked against `store`; also returns the file's header."""
+    """Episodes of a file written by `sample_to_file`, checked against `store`; also returns the file's header,
+    plus `file_sha256`: the sha256 of the bytes that were parsed (what a result records as its episode file)."""
     path = Path(path)
-    data = read_json(path)
+    data, file_sha256 = read_json_sha256(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SmatError(f"{path}: not an episode file (format {FORMAT!r}); create one with `smat episodes sample`")
     if missing := [k for k in ("store", "split", "seed", "sampler", "episodes") if k not in data]:
@@ -210,7 +211,7 @@ def load_episode_file(path: str | os.PathLike, store: Store) -> tuple[list[Episo
     if repeat and not _drawn_by_seed(data, store, episodes):
         raise SmatError(f"{path}: episode {repeat[0]} repeats episode {repeat[1]}, and the file is not what its seed "
                         "and sampler draw (edited?); re-create it with `smat episodes sample`")
-    return episodes, {k: v for k, v in data.items() if k != "episodes"}
+    return episodes, {**{k: v for k, v in data.items() if k != "episodes"}, "file_sha256": file_sha256}
 
 
 def _drawn_by_seed(data: dict[str, Any], store: Store, episodes: list[Episode]) -> bool:

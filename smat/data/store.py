@@ -2,7 +2,9 @@
 
 `STORE/images.npy` holds all images, shape (N, S, S, 3), class after class; `STORE/manifest.json` says which
 rows belong to which class (offset, count), the split of every class, class groups or a class DAG for
-hierarchical sampling, what conversion left out, and where the data came from. A memory-mapped .npy was
+hierarchical sampling, what conversion left out, and where the data came from. It also records the sha256 of
+images.npy, of each class's pixels (`class_sha256`) and of itself (`manifest_sha256`): evaluation opens a
+store with `verify=True`, which checks a class's pixels the first time they are read. A memory-mapped .npy was
 chosen over HDF5 by measurement (benchmarks/bench_store_format.py, results/store_format.json): episode-shaped
 random reads were 7-20x faster than the best HDF5 layout (warm cache) at 32 and 128 px, and writing was
 faster too; reading it needs nothing but numpy.
@@ -11,6 +13,7 @@ faster too; reading it needs nothing but numpy.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -49,9 +52,14 @@ class ClassInfo:
 
 
 class Store:
-    """Read access to a converted dataset: class metadata and images by (class, index)."""
+    """Read access to a converted dataset: class metadata and images by (class, index).
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    With `verify` (evaluation), the store must record its content hashes (manifest_sha256, class_sha256), and
+    the pixels of each class are checked against its sha256 the first time they are read: pixels changed after
+    conversion are an error, not a wrong accuracy.
+    """
+
+    def __init__(self, root: str | os.PathLike, verify: bool = False) -> None:
         self.root = Path(root)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
@@ -63,7 +71,11 @@ class Store:
                             "re-create the store with `smat data convert`")
         if "manifest_sha256" in manifest and (problem := _self_hash_problem(manifest)):   # older stores lack it
             raise SmatError(f"{manifest_path}: {problem}")
+        if verify and (problem := _self_hash_problem(manifest) or _no_class_hashes(manifest)):
+            raise SmatError(f"{manifest_path}: {problem}")
         self.manifest = manifest
+        self.verify = verify
+        self._verified: set[int] = set()      # classes whose pixels were checked
         self.domain: str = manifest["domain"]
         self.image_size: int = manifest["image_size"]
         self.hierarchy: str = manifest["hierarchy"]
@@ -95,6 +107,10 @@ class Store:
         if ids.size and (ids.min() < 0 or ids.max() >= info.n_images):
             raise SmatError(f"{self.root}: image ids {ids.min()}..{ids.max()} out of range for class "
                             f"{info.name!r}, which has {info.n_images} images")
+        if self.verify and class_id not in self._verified:
+            if problem := _class_problem(self._images, info, self.manifest["class_sha256"][class_id]):
+                raise SmatError(f"{self.root}: {problem}")
+            self._verified.add(class_id)
         return self._images[info.offset + ids]
 
     # A memory map must not be pickled (that would copy the whole array): workers reopen it.
@@ -188,6 +204,7 @@ def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domai
             "dag": dag,
             "excluded": excluded, "skipped_images": skipped,
             "images_sha256": sha256_file(tmp / "images.npy"),
+            "class_sha256": class_hashes(tmp / "images.npy", written),
             "source": str(Path(source).resolve()),
             "provenance": provenance(**(details or {}), min_images=min_images, skip_bad=skip_bad),
         }
@@ -210,9 +227,14 @@ def check_store(root: str | os.PathLike) -> list[str]:
     if problem := _self_hash_problem(manifest):
         return [f"{root / 'manifest.json'}: {problem}"]
     try:
-        _open_images(root, sum(c["n_images"] for c in manifest["classes"]), manifest["image_size"])
+        images = _open_images(root, sum(c["n_images"] for c in manifest["classes"]), manifest["image_size"])
     except SmatError as err:
         return [str(err)]
+    if problem := _no_class_hashes(manifest):
+        return [f"{root / 'manifest.json'}: {problem}"]
+    for info, expected in zip(manifest["classes"], manifest["class_sha256"]):
+        if problem := _class_problem(images, ClassInfo(**info), expected):
+            return [f"{root}: {problem}"]
     digest = sha256_file(root / "images.npy")  # reads every byte: every image is readable
     if digest != manifest["images_sha256"]:
         return [f"{root / 'images.npy'}: content differs from the manifest's sha256 (corrupted or modified "
@@ -260,6 +282,10 @@ def manifest_problems(manifest: Any) -> list[str]:
     names = [c["name"] for c in classes if isinstance(c, dict)]
     if len(set(names)) != len(names):
         problems.append("class names are not unique")
+    hashes = manifest.get("class_sha256", [])      # older stores lack it
+    if not isinstance(hashes, list) or (hashes and len(hashes) != len(classes)) or \
+            not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+        problems.append("class_sha256 must be a list of one sha256 (64 hex digits) per class")
     excluded = manifest["excluded"]
     if not isinstance(excluded, list) or not all(isinstance(e, dict) and {"name", "reason"} <= set(e)
                                                  for e in excluded):
@@ -297,6 +323,32 @@ def _self_hash_problem(manifest: dict[str, Any]) -> str | None:
         return ("content differs from its manifest_sha256 (edited after conversion: classes, splits or counts "
                 "may have changed); re-create the store with `smat data convert`")
     return None
+
+
+def class_hashes(images_path: Path, classes: Sequence[ClassInfo]) -> list[str]:
+    """The sha256 of each class's pixels (its rows of images.npy, as raw bytes), in class order."""
+    images = np.load(images_path, mmap_mode="r")
+    return [_class_digest(images, info) for info in classes]
+
+
+def _class_digest(images: np.ndarray, info: ClassInfo) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images[info.offset:info.offset + info.n_images])).hexdigest()
+
+
+def _class_problem(images: np.ndarray, info: ClassInfo, expected: str) -> str | None:
+    """Why the pixels of class `info` are not those converted (their sha256 differs), else None."""
+    if _class_digest(images, info) == expected:
+        return None
+    return (f"the pixels of class {info.name!r} (rows {info.offset}..{info.offset + info.n_images - 1} of "
+            "images.npy) differ from the sha256 its manifest records: changed after conversion; re-create the "
+            "store with `smat data convert`")
+
+
+def _no_class_hashes(manifest: dict[str, Any]) -> str | None:
+    if manifest.get("class_sha256"):
+        return None
+    return ("no class_sha256: written by an older smat, so changed pixels cannot be detected; re-create the store "
+            "with `smat data convert` (in the workflow: delete the store folder and run it again)")
 
 
 def _open_images(root: Path, n_images: int, image_size: int) -> np.ndarray:

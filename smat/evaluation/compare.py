@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from smat.evaluation.results import read_results, read_summary
+from smat.evaluation.results import check_same_sha256, read_results, recorded_inputs
 from smat.evaluation.stats import Summary, format_summary, paired_difference, summarize
 from smat.io import SmatError
 
@@ -22,10 +22,8 @@ def compare(a: Path, b: Path) -> dict[str, Any]:
     if dataset_a != dataset_b:
         raise SmatError(f"{a} is on dataset {dataset_a!r} but {b} is on {dataset_b!r}: compare results "
                         "on the same dataset")
-    episodes_a, episodes_b = _episodes_sha(a), _episodes_sha(b)
-    if episodes_a and episodes_b and episodes_a != episodes_b:
-        raise SmatError(f"{a} and {b} were evaluated on different episode files "
-                        f"(sha256 {episodes_a[:12]} vs {episodes_b[:12]}): a paired comparison needs the same episodes")
+    check_same_sha256([(path, recorded_inputs(path).get("episodes_sha256")) for path in (a, b)], "episode files",
+                      "a paired comparison needs the same episodes")
     by_episode_a = {row["episode"]: row for row in rows_a}
     by_episode_b = {row["episode"]: row for row in rows_b}
     shared = sorted(set(by_episode_a) & set(by_episode_b))
@@ -71,10 +69,3 @@ def _single(rows: list[dict[str, Any]], key: str, path: Path) -> str:
     if len(values) != 1:
         raise SmatError(f"{path}: expected one {key} per result file, found {values}")
     return values[0]
-
-
-def _episodes_sha(csv_path: Path) -> str | None:
-    summary = read_summary(csv_path)
-    if summary is None:
-        return None
-    return summary.get("provenance", {}).get("episodes_sha256")

@@ -35,7 +35,7 @@ from smat.evaluation.batching import CPU_BUDGET, CUDA_MAX_EPISODES, BatchBudget,
 from smat.evaluation.feature_cache import CHUNK, FeatureCache
 from smat.evaluation.finetune import FINETUNE_STEPS, Finetuner, Task
 from smat.evaluation.results import FINETUNE_MODES, write_results
-from smat.io import SmatError, provenance, read_json, sha256_file, stable_hash
+from smat.io import SmatError, check_unchanged, provenance, read_json, sha256_file, stable_hash
 from smat.methods.registry import (PRETRAINED_PREFIX, SWITCH_NAMES, display_name,
                                    sparsity_and_experts)
 from smat.progress import progress_bar
@@ -272,16 +272,20 @@ def model_file(model_spec: str) -> Path:
 
 
 def load_model_with_info(model_spec: str, device: torch.device, sha: str | None = None):
-    """(model in eval mode, its identity and Table 2 switches for the result rows; empty switches for Pre)."""
+    """(model in eval mode, its identity and Table 2 switches for the result rows; empty switches for Pre).
+
+    The identity is the file's sha256 taken before loading (`sha`, if the caller hashed it already), checked
+    again after loading: the weights loaded are those of the recorded hash."""
     from smat.methods.registry import load_model, load_trained
 
     path = model_file(model_spec)
+    sha = sha or sha256_file(path)
     if model_spec.startswith(PRETRAINED_PREFIX):
         model, config = load_model(model_spec, device), None
     else:
         model, checkpoint = load_trained(path, device)
         config = checkpoint["config"]
-    sha = sha or sha256_file(path)      # the caller's, if it hashed the file already
+    check_unchanged(path, sha, "model file")
     info: dict[str, Any] = {"method": model.method, "model_id": f"{model.method}-{sha[:12]}",
                             "model_sha256": sha, **{name: None for name in SWITCH_NAMES}, "tau": None,
                             "experts": None}
@@ -352,7 +356,8 @@ class DatasetRun:
 def read_datasets(episodes_paths: Sequence, store_paths: Sequence, outs: Sequence,
                   limit: int | None, image_sizes: Sequence[int | None] = (None,)) -> list[DatasetRun]:
     """The datasets of `--episodes/--store/--out` (and `--image-size`, once or per dataset), which pair up by
-    position, all read and checked up front."""
+    position, all read and checked up front; each store is opened with `verify` (its pixels are checked against
+    the manifest's class hashes as they are read)."""
     from smat.data.store import Store
 
     if not len(episodes_paths) == len(store_paths) == len(outs):
@@ -373,10 +378,17 @@ def read_datasets(episodes_paths: Sequence, store_paths: Sequence, outs: Sequenc
     sizes = list(image_sizes) * len(outs) if len(image_sizes) == 1 else list(image_sizes)
     runs = []
     for episodes_path, store_path, out, size in zip(episodes_paths, store_paths, outs, sizes):
-        store = Store(Path(store_path))
+        store = Store(Path(store_path), verify=True)
         runs.append(DatasetRun(store, *load_episodes(Path(episodes_path), store, limit), Path(episodes_path),
                                Path(out), size))
     return runs
+
+
+def input_hashes(run: DatasetRun, info: dict[str, Any]) -> dict[str, str]:
+    """What a result read, each hashed when it was read: the episode file (the bytes parsed), the model file
+    (before loading, checked after) and the store (its manifest's self-hash, which covers the class hashes)."""
+    return {"episodes_sha256": run.meta["file_sha256"], "model_sha256": info["model_sha256"],
+            "store_manifest_sha256": run.store.manifest["manifest_sha256"]}
 
 
 def check_image_sizes(model, runs: Sequence[DatasetRun]) -> None:
@@ -451,7 +463,7 @@ def _evaluate_one(runner: EpisodeRunner, run: DatasetRun, model_spec: str, info:
         "model": model_spec,
         "episodes_file": str(run.episodes_path),
         "provenance": provenance(
-            episodes_sha256=sha256_file(run.episodes_path), model_sha256=info["model_sha256"],
+            **input_hashes(run, info),
             store_fingerprint=store.fingerprint, episodes_seed=run.meta.get("seed"), device=str(runner.device),
             image_size=run.image_size or runner.model.backbone.image_size,
             finetune_batch=runner.budget_record()),

@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from smat.evaluation.stats import summarize
 from smat.io import SmatError, atomic_open, folder_lock, read_json, sha256_file, write_json
@@ -98,6 +98,27 @@ def read_results(path: Path) -> list[dict[str, Any]]:
         except ValueError as err:
             raise SmatError(f"{path}, line {line}: {err}") from None
     return rows
+
+
+def recorded_inputs(csv_path: Path) -> dict[str, Any]:
+    """The provenance of a result's summary (the sha256 of its episode file, model, store ...); {} without one."""
+    summary = read_summary(csv_path)
+    provenance = summary.get("provenance") if isinstance(summary, dict) else None
+    return provenance if isinstance(provenance, dict) else {}
+
+
+def check_same_sha256(files: Sequence[tuple[Path, str | None]], what: str, fix: str) -> None:
+    """SmatError naming both files and both hashes unless all (file, sha256) pairs agree on the sha256 of what
+    they read (`what`: "episode files", ...); files that record none (older results) are not checked."""
+    first: tuple[Path, str] | None = None
+    for path, sha in files:
+        if not sha:
+            continue
+        if first is None:
+            first = (path, sha)
+        elif sha != first[1]:
+            raise SmatError(f"{first[0]} and {path} come from different {what} (sha256 {first[1][:12]} vs "
+                            f"{sha[:12]}): {fix}")
 
 
 def read_summary(csv_path: Path) -> dict[str, Any] | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from smat.device import resolve_device
-from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, check_image_sizes, load_model_with_info,
-                                      model_file, read_datasets)
-from smat.io import SmatError, provenance, sha256_file, write_json
+from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, check_image_sizes, input_hashes,
+                                      load_model_with_info, model_file, read_datasets)
+from smat.io import SmatError, provenance, write_json
 from smat.methods.registry import display_name
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def _select_one(runner: EpisodeRunner, run: DatasetRun, grid: list[float], model
         "best_lr": chosen,
         "n_episodes": len(run.episodes),
         "model_id": info["model_id"],
-        "provenance": provenance(model=model_spec, episodes_file=str(run.episodes_path),
-                                 episodes_sha256=sha256_file(run.episodes_path), device=str(runner.device),
+        "provenance": provenance(model=model_spec, episodes_file=str(run.episodes_path), **input_hashes(run, info),
+                                 device=str(runner.device),
                                  finetune_batch=runner.budget_record()),
     })
     return chosen
