@@ -157,7 +157,12 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     grad_alignment: GradAlignmentConfig = field(default_factory=GradAlignmentConfig)
-    amp: bool = True                    # fp16 autocast + GradScaler on CUDA; always fp32 on CPU
+    # Precision (METHOD §8): fp16 = autocast + GradScaler on CUDA and fp32 on CPU (the paper's, and the default);
+    # bf16 = bf16 autocast on CUDA and CPU, no scaler (bf16 has fp32's range); off = fp32. true/false (configs
+    # and checkpoints written before the choice existed) read as fp16/off.
+    amp: Literal["fp16", "bf16", "off"] | bool = "fp16"
+    tf32: bool = True                   # TF32 for fp32 matmuls on CUDA (merging, router, fp32 runs); ignored on CPU
+    compile: bool = False               # torch.compile the backbone forward (CUDA only: `smat train` refuses it on CPU)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -173,5 +178,9 @@ class TrainConfig:
         check_ranges(self, positive=("image_size",), non_negative=("inner_lr",), seeds=("seed",))
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={list(self.crop_scale)}: expected 0 < low <= high <= 1")
+        if isinstance(self.amp, bool):
+            self.amp = "fp16" if self.amp else "off"
+        if self.amp not in ("fp16", "bf16", "off"):
+            raise ValueError(f"amp={self.amp!r}: must be fp16, bf16 or off")
         self.switches = resolve_switches(self.method, self.switches, self.experts)
 

@@ -38,7 +38,7 @@ from smat.data.episodes import load_episode_file, make_sampler, write_episode_fi
 from smat.data.loader import EpisodeTensors, load_episode
 from smat.data.store import Store
 from smat.data.transforms import test_transform, train_transform
-from smat.device import autocast
+from smat.device import autocast, grad_scaler, set_matmul_precision
 from smat.io import SmatError, atomic_open, read_json, sha256_file, stable_hash, write_json
 from smat.methods.base import FewShotModel
 from smat.methods.registry import build_model
@@ -155,8 +155,14 @@ class Trainer:
         self.trained = [p for opt in self.optimisers.all() for group in opt.param_groups for p in group["params"]]
         # What a task changes besides gradients (SMAT: spectral-norm vectors, λ); PMF's tasks change nothing.
         self.replay_task = getattr(self.model, "replay_task_state_", lambda: None)
-        self.amp = config.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        if config.compile:
+            if device.type != "cuda":
+                raise SmatError(f"compile=true: torch.compile of the backbone is for CUDA only (on {device.type} "
+                                "it costs minutes of compilation for no gain); drop it or train on a GPU")
+            self.model.backbone.compile()       # in place: functional_call and the state-dict keys are unchanged
+        set_matmul_precision(device, config.tf32)
+        self.amp = config.amp                   # fp16 | bf16 | off, resolved per device by smat.device
+        self.scaler = grad_scaler(device, config.amp)
         self.samplers = [make_sampler(s, "train", config.sampler) for s in self.stores]
         self.sampler_rng = np.random.default_rng(config.seed)
         self.train_transform = train_transform(backbone.image_size, tuple(config.crop_scale))
