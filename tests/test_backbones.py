@@ -104,3 +104,27 @@ def test_bad_names_and_sizes_are_clear_errors():
         create_backbone("vit_tiny_patch4_32", image_size=30)
     with pytest.raises(SmatError, match="unknown backbone 'resnet50'.*vit_small_patch16_dino"):
         create_backbone("resnet50")
+
+
+def test_a_table_at_another_grid_is_kept_and_resampled_per_forward_the_authors_way():
+    # METHOD §1.1: weights whose position grid is not the run's keep their table (one code path with the
+    # imported checkpoints' AuthorsPosEmbedViT, METHOD §10); at the run's own grid the plain timm ViT is built.
+    from timm.models.vision_transformer import VisionTransformer
+
+    from smat.models.backbones import AuthorsPosEmbedViT, registry_arch_spec, resample_pos_embed_by_scale
+
+    assert type(create_backbone("vit_tiny_patch4_32", 32, grid=8).vit) is VisionTransformer
+    torch.manual_seed(0)
+    native = create_backbone("vit_tiny_patch4_32", 56).eval()                     # 14x14 table
+    kept = create_backbone("vit_tiny_patch4_32", 32, grid=14).eval()
+    assert isinstance(kept.vit, AuthorsPosEmbedViT) and kept.image_size == 32
+    assert registry_arch_spec("vit_tiny_patch4_32", 14)["grid"] == 14
+    kept.vit.load_state_dict(native.vit.state_dict())      # same names and shapes
+    assert all(m.eps == 1e-6 for m in kept.modules() if isinstance(m, nn.LayerNorm))
+    x56, x32 = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(kept(x56), native(x56))                                 # native grid: as it is
+        small = create_backbone("vit_tiny_patch4_32", 32).eval()
+        small.vit.load_state_dict({**native.vit.state_dict(),
+                                   "pos_embed": resample_pos_embed_by_scale(native.vit.pos_embed, 8, 8)})
+        assert torch.equal(kept(x32), small(x32))

@@ -7,7 +7,9 @@ random weights; `smat.models.checkpoint.load_pretrained` fills it from a normali
 Checkpoints imported from the authors' code (`smat.models.official`) carry their own architecture `spec`
 instead (`create_backbone(name, image_size, spec=...)`): the sizes, the LayerNorm eps of the code that
 trained them, and a position table kept at its trained grid and resampled on every forward the authors'
-way (METHOD §10).
+way (METHOD §10). Pre-trained weights whose position grid differs from the run's input size (DINO's 14x14
+table at 128 px) take the same path (`create_backbone(name, image_size, grid=14)`, METHOD §1.1): the
+parameter is the native table, and every forward at another size resamples it, merged task weights included.
 
 Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.attn.qkv.*`, ...)
 under the `vit.` attribute, so `backbone.named_parameters()` yields `vit.<timm name>`; the meta-tuning code
@@ -32,8 +34,9 @@ from smat.io import SmatError
 # DINO ones the default weights. DINO publishes no checksums: `sha256` stays None until pinned from a
 # verified download (`smat fetch` prints the digest of what it fetched).
 BACKBONES: dict[str, dict[str, Any]] = {
-    # DINO ViT-S/16, the paper's backbone. Meta-Dataset runs at 128 px: the 14x14 position grid of the
-    # 224-px weights is resampled to 8x8 at load time (METHOD §1.1). LayerNorm eps 1e-6 as DINO's torch-hub ViT.
+    # DINO ViT-S/16, the paper's backbone. Meta-Dataset runs at 128 px: the 14x14 position table of the
+    # 224-px weights stays the parameter and is resampled to 8x8 on every forward, the authors' way
+    # (METHOD §1.1). LayerNorm eps 1e-6 as DINO's torch-hub ViT.
     "vit_small_patch16_dino": {
         "timm_arch": "vit_small_patch16_224",
         "kwargs": {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6},
@@ -100,7 +103,8 @@ class Backbone(nn.Module):
 
 
 def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate: float = 0.0,
-                    dynamic_img_size: bool = False, spec: dict[str, Any] | None = None) -> Backbone:
+                    dynamic_img_size: bool = False, spec: dict[str, Any] | None = None,
+                    grid: int | None = None) -> Backbone:
     """Build backbone `name` with random weights for `image_size`-pixel inputs (default: the registry's).
 
     `patch_drop_rate` > 0 keeps a random subset of the patch tokens in training mode only (timm's
@@ -108,6 +112,8 @@ def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate
     `dynamic_img_size` accepts inputs of other sizes by resampling the position embeddings on the fly
     (progressive-resizing pre-training); the parameters are the same as without it.
     `spec` (an imported checkpoint's architecture, see `ARCH_SPEC_KEYS`) replaces the registry entry.
+    `grid`: the position grid of the weights to be loaded. When it is not `image_size`'s grid, the table
+    keeps `grid` and is resampled per forward by the authors' rule (`AuthorsPosEmbedViT`, METHOD §1.1, §10).
     """
     if spec is not None:
         return _create_from_spec(name, spec, image_size)
@@ -116,19 +122,33 @@ def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate
     if image_size % spec["patch_size"]:
         raise SmatError(f"backbone {name}: image size {image_size} is not a multiple of the patch size "
                         f"{spec['patch_size']}; choose a multiple (default {spec['image_size']})")
+    if grid is not None and grid * spec["patch_size"] != image_size:
+        return _create_from_spec(name, registry_arch_spec(name, grid), image_size, patch_drop_rate=patch_drop_rate)
     vit = timm.create_model(spec["timm_arch"], pretrained=False, num_classes=0, global_pool="token",
                             img_size=image_size, patch_drop_rate=patch_drop_rate,
                             dynamic_img_size=dynamic_img_size, **_NO_DROPOUT, **spec["kwargs"])
     return Backbone(name, vit, image_size)
 
 
-# The architecture record of an imported checkpoint (smat.models.official): sizes, the position grid the
-# table was trained at, the LayerNorm eps of the authors' code, and how the table meets other input sizes.
+# The architecture record of an imported checkpoint (smat.models.official), or of a registry backbone kept at
+# its weights' grid (`registry_arch_spec`): sizes, the position grid the table was trained at, the LayerNorm
+# eps, and how the table meets other input sizes.
 ARCH_SPEC_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "grid", "norm_eps", "pos_embed")
 POS_EMBED_PER_FORWARD = "resampled per forward, bicubic, scale factor (n + 0.1) / grid"
 
 
-def _create_from_spec(name: str, spec: dict[str, Any], image_size: int | None) -> Backbone:
+def registry_arch_spec(name: str, grid: int) -> dict[str, Any]:
+    """The architecture record (`ARCH_SPEC_KEYS`) of registry backbone `name` with its table at `grid`: timm's
+    defaults for what the entry leaves out (MLP ratio 4, LayerNorm eps 1e-6, as DINO's ViT)."""
+    entry = backbone_spec(name)
+    kwargs = entry["kwargs"]
+    return {"embed_dim": kwargs["embed_dim"], "depth": kwargs["depth"], "num_heads": kwargs["num_heads"],
+            "mlp_ratio": kwargs.get("mlp_ratio", 4.0), "patch_size": entry["patch_size"], "grid": grid,
+            "norm_eps": 1e-6, "pos_embed": POS_EMBED_PER_FORWARD}
+
+
+def _create_from_spec(name: str, spec: dict[str, Any], image_size: int | None, *,
+                      patch_drop_rate: float = 0.0) -> Backbone:
     missing = [key for key in ARCH_SPEC_KEYS if key not in spec]
     if missing:
         raise SmatError(f"backbone {name}: architecture spec {spec!r} lacks {', '.join(missing)}; re-import the "
@@ -142,7 +162,7 @@ def _create_from_spec(name: str, spec: dict[str, Any], image_size: int | None) -
         raise SmatError(f"backbone {name}: image size {image_size} is not a multiple of the patch size {patch}")
     vit = AuthorsPosEmbedViT(img_size=native, patch_size=patch, embed_dim=spec["embed_dim"], depth=spec["depth"],
                              num_heads=spec["num_heads"], mlp_ratio=spec["mlp_ratio"], num_classes=0,
-                             global_pool="token", dynamic_img_size=True,
+                             global_pool="token", dynamic_img_size=True, patch_drop_rate=patch_drop_rate,
                              norm_layer=partial(nn.LayerNorm, eps=spec["norm_eps"]), **_NO_DROPOUT)
     return Backbone(name, vit, image_size)
 
@@ -151,7 +171,9 @@ class AuthorsPosEmbedViT(VisionTransformer):
     """timm ViT whose position table stays at its trained grid and is resampled on every forward.
 
     Inside `functional_call(backbone, weights, ...)` `self.pos_embed` is the task's merged tensor, so SMAT's
-    θ_pre + mask ⊙ δ is resampled as a whole, as in the authors' code (METHOD §10).
+    θ_pre + mask ⊙ δ is resampled as a whole, as in the authors' code (METHOD §10). Used for imported
+    checkpoints and for pre-trained weights whose grid is not the run's (METHOD §1.1); at the native grid
+    the table is added as it is.
     """
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:             # x: (B, H, W, C) patch tokens

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
 
 from smat.io import (SmatError, atomic_path, brief_error, first_nonfinite, load_torch, load_torch_record,
                      scratch_dir, sha256_file)
@@ -105,23 +104,20 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def load_pretrained(path: Path, image_size: int | None = None) -> tuple[Backbone, dict[str, Any]]:
     """Build the checkpoint's backbone for `image_size` (default: the registry's) and load its weights.
 
-    Position embeddings are resampled when the patch grid differs (e.g. 14x14 at 224 px -> 8x8 at 128 px,
-    METHOD §1.1). Returns (backbone, record without the state dict).
+    The position table stays at the grid the weights were trained at. When that grid is not `image_size`'s
+    (DINO's 14x14 at 224 px, run at 128 px), the backbone resamples it on every forward by the authors' rule
+    (bicubic, scale factor (n + 0.1) / N; METHOD §1.1, §10), so Pre at 224 px uses DINO's table as it is and
+    SMAT gates and merges the native table. Returns (backbone, record without the state dict).
     """
     record = read_checkpoint(path)
+    state_dict = dict(record["state_dict"])
+    table = state_dict.get("pos_embed")
+    grid = _grid(table.shape[1], path) if torch.is_tensor(table) and table.dim() == 3 else None  # else: named below
     # Dynamic size: the same outputs at `image_size`, and other sizes resample the table per forward (for
     # evaluation at 224 px, METHOD §3.4).
-    backbone = create_backbone(record["arch"], image_size, dynamic_img_size=True)
-    state_dict = dict(record["state_dict"])
-    target = backbone.vit.pos_embed
-    if "pos_embed" in state_dict and state_dict["pos_embed"].shape != target.shape:
-        old = _grid(state_dict["pos_embed"].shape[1], path)
-        new = backbone.image_size // backbone_spec(record["arch"])["patch_size"]
-        # Plain bicubic, no antialiasing, as DINO's and Hugging Face's interpolate_pos_encoding (METHOD §1.1).
-        state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], new_size=[new, new],
-                                                         old_size=[old, old], num_prefix_tokens=1,
-                                                         antialias=False)
-    problems = _mismatches(state_dict, record["arch"], image_size=backbone.image_size)
+    backbone = create_backbone(record["arch"], image_size, dynamic_img_size=True, grid=grid)
+    native = grid * backbone_spec(record["arch"])["patch_size"] if grid else backbone.image_size
+    problems = _mismatches(state_dict, record["arch"], image_size=native)
     if problems:
         raise SmatError(f"{path}: weights do not fit backbone {record['arch']}: " + "; ".join(problems))
     backbone.vit.load_state_dict(state_dict, strict=True)
@@ -228,7 +224,7 @@ def _mismatches(state_dict: dict[str, torch.Tensor], arch: str, image_size: int 
             continue
         shape, want = tuple(state_dict[key].shape), tuple(expected[key])
         if key == "pos_embed" and image_size is None:
-            shape, want = shape[::2], want[::2]  # any grid: it is resampled at load time
+            shape, want = shape[::2], want[::2]  # any grid: it is resampled per forward
         if shape != want:
             wrong_shape.append(f"{key} {tuple(state_dict[key].shape)} instead of {tuple(expected[key])}")
     return [f"{what} ({len(items)}): {_first(items)}" for what, items in
