@@ -69,9 +69,10 @@ class Store:
         if problems := manifest_problems(manifest):
             raise SmatError(f"{manifest_path}: invalid store manifest: {'; '.join(problems)}; "
                             "re-create the store with `smat data convert`")
-        if "manifest_sha256" in manifest and (problem := _self_hash_problem(manifest)):   # older stores lack it
+        # Older stores lack the hashes: they still open, except for evaluation (`verify`).
+        if ("manifest_sha256" in manifest or verify) and (problem := _self_hash_problem(manifest)):
             raise SmatError(f"{manifest_path}: {problem}")
-        if verify and (problem := _self_hash_problem(manifest) or _no_class_hashes(manifest)):
+        if verify and (problem := _no_class_hashes(manifest)):
             raise SmatError(f"{manifest_path}: {problem}")
         self.manifest = manifest
         self.verify = verify
@@ -284,7 +285,7 @@ def manifest_problems(manifest: Any) -> list[str]:
         problems.append("class names are not unique")
     hashes = manifest.get("class_sha256", [])      # older stores lack it
     if not isinstance(hashes, list) or (hashes and len(hashes) != len(classes)) or \
-            not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes):
+            not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
         problems.append("class_sha256 must be a list of one sha256 (64 hex digits) per class")
     excluded = manifest["excluded"]
     if not isinstance(excluded, list) or not all(isinstance(e, dict) and {"name", "reason"} <= set(e)
@@ -297,6 +298,8 @@ def manifest_problems(manifest: Any) -> list[str]:
         problems.append(f"a dag is given but hierarchy is {hierarchy!r}")
     return problems
 
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # A domain names files (a training run's val_episodes/DOMAIN.json): a plain name, never a path.
 _DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
