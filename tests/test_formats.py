@@ -136,6 +136,76 @@ def write_domain(root: Path, spec: dict, kind: str) -> tuple[Path, dict]:
     return root, pixels
 
 
+# --- classic sources in their publishers' layouts (also the paper run's data, tests/test_paper_run.py) ------------
+
+def write_cifar(src: Path, version: int, n_classes: int, per_class: int) -> np.ndarray:
+    """CIFAR-10 (`test_batch`, `batches.meta`) or CIFAR-100 (`test`, `meta`) python pickles; returns the images."""
+    data_file, meta_file, label_key, names_key = (
+        ("test_batch", "batches.meta", b"labels", b"label_names") if version == 10
+        else ("test", "meta", b"fine_labels", b"fine_label_names"))
+    src.mkdir(parents=True, exist_ok=True)
+    n = n_classes * per_class
+    images = np.random.default_rng(version).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = [i % n_classes for i in range(n)]
+    (src / data_file).write_bytes(pickle.dumps({b"data": images.reshape(n, -1), label_key: labels}))
+    (src / meta_file).write_bytes(pickle.dumps({names_key: [f"class{c}".encode() for c in range(n_classes)]}))
+    return images
+
+
+def write_mnist(src: Path, per_class: int) -> None:
+    """MNIST's test idx files, the labels gzipped (both spellings are read)."""
+    n = 10 * per_class
+    src.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(1).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    (src / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with gzip.open(src / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">II", 2049, n) + (np.arange(n, dtype=np.uint8) % 10).tobytes())
+
+
+def write_food101(src: Path, n_classes: int, per_class: int) -> None:
+    names = [f"dish{c}/{i}" for c in range(n_classes) for i in range(per_class)]
+    for i, name in enumerate(names):
+        _image_file(src / "images" / f"{name}.jpg", i)
+    (src / "meta").mkdir(parents=True, exist_ok=True)
+    (src / "meta" / "test.txt").write_text("".join(f"{name}\n" for name in names))
+
+
+def write_pets(src: Path, n_classes: int, per_class: int) -> None:
+    lines = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            _image_file(src / "images" / f"breed{c}_{i}.jpg", 10 * c + i)
+            lines.append(f"breed{c}_{i} {c + 1} 1 {c + 1}\n")
+    (src / "annotations").mkdir(parents=True, exist_ok=True)
+    (src / "annotations" / "test.txt").write_text("".join(lines))
+
+
+def write_cars(src: Path, n_classes: int, per_class: int) -> None:
+    """Stanford Cars in torchvision's layout: cars_test/ and the devkit's two .mat files."""
+    from scipy.io import savemat
+
+    n = n_classes * per_class
+    for i in range(n):
+        _image_file(src / "cars_test" / f"{i:05d}.jpg", i)
+    (src / "devkit").mkdir(parents=True, exist_ok=True)
+    savemat(src / "devkit" / "cars_meta.mat",
+            {"class_names": np.array([[f"Car {c}" for c in range(n_classes)]], dtype=object)})
+    annotations = np.array([[(f"{i:05d}.jpg", i % n_classes + 1) for i in range(n)]],
+                           dtype=[("fname", object), ("class", object)])
+    savemat(src / "devkit" / "cars_test_annos_withlabels.mat", {"annotations": annotations})
+
+
+def write_image_folder_with_splits(src: Path, splits_file: Path, splits: dict[str, int], per_class: int) -> None:
+    """A DomainNet domain: CLASS/*.jpg, and SMAT's class split as a JSON file (its `valid` key)."""
+    split_of = {}
+    for split, count in splits.items():
+        split_of[split] = [f"{split}_class{c}" for c in range(count)]
+    for c, name in enumerate(n for names in split_of.values() for n in names):
+        for i in range(per_class):
+            _image_file(src / name / f"{i}.jpg", 10 * c + i)
+    splits_file.write_text(json.dumps(split_of))
+
+
 # --- Meta-Dataset ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["tfrecords", "pmf-h5"])

@@ -396,8 +396,12 @@ def test_paper_dag_builds_without_data_and_lists_what_is_missing(tmp_path):
 
 
 def paper_data_tree(root: Path) -> None:
-    """Every dataset of config/paper.yaml, tiny, in its publisher's layout at the README's paths."""
-    from test_formats import bilevel_spec, flat_spec, hierarchical_spec, write_domain
+    """Every dataset of config/paper.yaml, tiny, in its publisher's layout at the README's paths: Meta-Dataset
+    domains as PMF's h5 files, CIFAR pickles, MNIST idx, Food-101/Pets lists, Stanford Cars' devkit .mat files,
+    DomainNet image folders with their splits JSON. Five classes per OOD set (the variable-way sampler's
+    minimum), two or three images per class."""
+    from test_formats import (bilevel_spec, flat_spec, hierarchical_spec, write_cars, write_cifar, write_domain,
+                              write_food101, write_image_folder_with_splits, write_mnist, write_pets)
 
     md = root / "data" / "meta_dataset"
     write_domain(md / "ilsvrc_2012", hierarchical_spec(), "pmf-h5")
@@ -406,11 +410,16 @@ def paper_data_tree(root: Path) -> None:
         write_domain(md / name, flat_spec(name, {"TRAIN": 6, "VALID": 5, "TEST": 5}, images=2), "pmf-h5")
     for name in ("traffic_sign", "mscoco"):
         write_domain(md / name, flat_spec(name, {"TRAIN": 0, "VALID": 0, "TEST": 5}, images=2), "pmf-h5")
-    for folder in ("cifar-10-batches-py", "cifar-100-python", "mnist", "food-101", "oxford-iiit-pet",
-                   "stanford_cars", "domainnet/sketch", "domainnet/clipart"):
-        (root / "data" / folder).mkdir(parents=True)
+    data = root / "data"
+    write_cifar(data / "cifar-10-batches-py", 10, n_classes=5, per_class=2)
+    write_cifar(data / "cifar-100-python", 100, n_classes=5, per_class=2)
+    write_mnist(data / "mnist", per_class=2)
+    write_food101(data / "food-101", n_classes=3, per_class=2)
+    write_pets(data / "oxford-iiit-pet", n_classes=3, per_class=2)
+    write_cars(data / "stanford_cars", n_classes=3, per_class=2)
     for domain in ("sketch", "clipart"):
-        (root / "data" / "domainnet" / f"{domain}_splits.json").write_text('{"test": []}')
+        write_image_folder_with_splits(data / "domainnet" / domain, data / "domainnet" / f"{domain}_splits.json",
+                                       {"train": 1, "valid": 1, "test": 3}, per_class=2)
 
 
 def test_paper_dag_on_the_documented_data_layout_converts_every_dataset(tmp_path):
