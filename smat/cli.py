@@ -116,19 +116,20 @@ def _data(args: argparse.Namespace) -> None:
         from smat.data.meta_dataset import convert_meta_dataset
 
         convert_meta_dataset(Path(args.src), Path(args.out), args.format, image_size=args.image_size,
-                             domain=args.domain, skip_bad=args.skip_bad)
+                             domain=args.domain, skip_bad=args.skip_bad, workers=args.workers)
     elif args.data_command == "convert" and args.format in CLASSIC_FORMATS:
         from smat.data.classic import convert_classic
 
         convert_classic(args.format, Path(args.src), Path(args.out), image_size=args.image_size,
-                        splits=args.splits, role=args.role, domain=args.domain, seed=args.seed)
+                        splits=args.splits, role=args.role, domain=args.domain, seed=args.seed,
+                        workers=args.workers)
     elif args.data_command == "convert":
         from smat.data.store import convert_imagefolder
 
         convert_imagefolder(
             Path(args.src), Path(args.out), image_size=args.image_size, splits=args.splits,
             role=args.role, domain=args.domain, seed=args.seed, skip_bad=args.skip_bad,
-            min_images=args.min_images,
+            min_images=args.min_images, workers=args.workers,
         )
     elif args.data_command == "check":
         from smat.data.store import Store, check_store
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--domain", default=None, help="dataset name recorded in the store (default: folder name)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random class split of --role id")
     convert.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report them")
+    convert.add_argument("--workers", type=int, default=1,
+                         help="processes that decode images; the store is the same byte for byte for any number")
     convert.add_argument("--min-images", type=int, default=2,
                          help="exclude classes with fewer images (listed in the manifest)")
     check = data_commands.add_parser(

@@ -196,8 +196,9 @@ READERS = {"cifar": _cifar, "mnist": _mnist, "food101": _food101, "pets": _pets,
 
 
 def convert_classic(kind: str, src: str | Path, out: str | Path, image_size: int | None = None,
-                    splits: str | Path | None = None, role: str = "ood", domain: str | None = None, seed: int = 0):
-    """Convert the test images of dataset `kind` at `src` into a store at `out`."""
+                    splits: str | Path | None = None, role: str = "ood", domain: str | None = None, seed: int = 0,
+                    workers: int = 1):
+    """Convert the test images of dataset `kind` at `src` into a store at `out`, decoding in `workers` processes."""
     src = Path(src)
     if kind not in READERS:
         raise SmatError(f"format {kind!r}: expected one of {', '.join(READERS)}")
@@ -214,4 +215,4 @@ def convert_classic(kind: str, src: str | Path, out: str | Path, image_size: int
     return write_store(out, classes, domain=domain or kind, source=src, image_size=image_size,
                        hierarchy="groups" if groups else "dag" if dag else "flat", dag=dag,
                        details={"command": f"data convert {kind}", "role": role, "seed": seed,
-                                "splits_file": str(splits) if splits else None})
+                                "splits_file": str(splits) if splits else None}, workers=workers)

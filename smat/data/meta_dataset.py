@@ -294,8 +294,9 @@ READERS = {"tfrecords": (".tfrecords", tfrecord_images), "pmf-h5": (".h5", h5_im
 
 
 def convert_meta_dataset(src: str | Path, out: str | Path, kind: str, image_size: int | None = None,
-                         domain: str | None = None, skip_bad: bool = False):
-    """Convert one Meta-Dataset domain folder (`{class id}{suffix}` files + dataset_spec.json) into a store."""
+                         domain: str | None = None, skip_bad: bool = False, workers: int = 1):
+    """Convert one Meta-Dataset domain folder (`{class id}{suffix}` files + dataset_spec.json) into a store,
+    decoding in `workers` processes."""
     src = Path(src)
     if kind not in READERS:
         raise SmatError(f"format {kind!r}: expected one of {', '.join(READERS)}")
@@ -308,7 +309,8 @@ def convert_meta_dataset(src: str | Path, out: str | Path, kind: str, image_size
     try:
         return write_store(out, classes, domain=domain or spec.name, source=src, image_size=image_size,
                            hierarchy=spec.hierarchy, dag=spec.dag, min_images=2, skip_bad=skip_bad,
-                           details={"command": f"data convert {kind}", "spec": str(src / SPEC_FILE)})
+                           details={"command": f"data convert {kind}", "spec": str(src / SPEC_FILE)},
+                           workers=workers)
     finally:
         H5Image.close()
 

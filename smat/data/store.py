@@ -12,17 +12,21 @@ faster too; reading it needs nothing but numpy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import re
+import signal
 import struct
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -125,8 +129,9 @@ class Store:
 
 def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_size: int | None = None,
                         splits: str | os.PathLike | None = None, role: str = "ood", domain: str | None = None,
-                        seed: int = 0, skip_bad: bool = False, min_images: int = 2) -> Store:
-    """Convert a class-per-folder image dataset into a store at `out` (built aside, then renamed into place).
+                        seed: int = 0, skip_bad: bool = False, min_images: int = 2, workers: int = 1) -> Store:
+    """Convert a class-per-folder image dataset into a store at `out` (built aside, then renamed into place),
+    decoding in `workers` processes.
 
     Images of a class are taken in file-name order; image i of a class is row `offset + i`. Splits come from
     `splits` or `src/splits.json`; without one, role "ood" puts every class in test and role "id" draws a
@@ -156,7 +161,7 @@ def convert_imagefolder(src: str | os.PathLike, out: str | os.PathLike, image_si
     return write_store(out, classes, domain=domain, source=src, image_size=image_size, hierarchy=hierarchy, dag=dag,
                        min_images=min_images, skip_bad=skip_bad,
                        details={"command": "data convert imagefolder", "role": role, "seed": seed,
-                                "splits_file": str(splits_file) if splits_file else None})
+                                "splits_file": str(splits_file) if splits_file else None}, workers=workers)
 
 
 @dataclass
@@ -171,13 +176,16 @@ class SourceClass:
 
 def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domain: str, source: Path,
                 image_size: int | None, hierarchy: str = "flat", dag: dict | None = None, min_images: int = 2,
-                skip_bad: bool = False, details: dict[str, Any] | None = None) -> Store:
+                skip_bad: bool = False, details: dict[str, Any] | None = None, workers: int = 1) -> Store:
     """Decode `classes` into a store at `out` (built aside, then renamed into place); the one writer of the
     store format, whatever the source format. Classes with fewer than `min_images` (readable) images are
-    left out and listed in the manifest; `details` go into its provenance."""
+    left out and listed in the manifest; `details` go into its provenance. `workers` processes decode the
+    images; the store is the same byte for byte whatever their number."""
     out = Path(out)
     if problem := domain_problem(domain):
         raise SmatError(f"{source}: {problem}; pass --domain NAME")
+    if workers < 1:
+        raise SmatError(f"--workers {workers}: must be at least 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SmatError(f"{out}: already exists; remove it to convert again")
     excluded = [_exclude(c.name, f"{len(c.images)} images < min_images {min_images}")
@@ -192,7 +200,7 @@ def write_store(out: str | os.PathLike, classes: Sequence[SourceClass], *, domai
 
     with atomic_dir(out) as tmp:
         written, skipped, too_few = _write_images(tmp / "images.npy", source, kept, size, image_size is not None,
-                                                  skip_bad, min_images)
+                                                  skip_bad, min_images, workers)
         excluded += too_few
         if not written:
             raise SmatError(f"{source}: no class has at least min_images = {min_images} readable images")
@@ -581,6 +589,32 @@ def _item_name(item: Any, src: Path) -> str:
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+def _decode_or_error(item: Any, image_size: int | None) -> tuple[np.ndarray | None, str | None]:
+    """(pixels, None), or (None, the reason) for an image that cannot be decoded (--skip-bad decides)."""
+    try:
+        return _decode(item, image_size), None
+    except _DECODE_ERRORS as err:
+        return None, str(err)
+
+
+@contextlib.contextmanager
+def _decoded(items: list[Any], image_size: int | None, workers: int) -> Iterator[Iterator[tuple]]:
+    """`_decode_or_error` of every item, in the items' order: in this process, or in `workers` processes whose
+    results are taken in order, so that the rows written do not depend on the number of workers."""
+    if workers == 1:
+        yield (_decode_or_error(item, image_size) for item in items)
+        return
+    # The items (paths, h5 keys, record offsets, in-memory arrays) travel pickled; forkserver starts workers from
+    # a clean process, not from this one's threads (the progress bar's) and open files.
+    with multiprocessing.get_context("forkserver").Pool(workers, initializer=_quiet_worker) as pool:
+        yield pool.imap(functools.partial(_decode_or_error, image_size=image_size), items, chunksize=32)
+
+
+def _quiet_worker() -> None:
+    """Ctrl-C reaches the whole process group: only the parent turns it into a message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _create_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
     """The memory-mapped images.npy with its blocks allocated now: a disk that fills up during the writes
     would otherwise kill the process with SIGBUS, which no handler can turn into a message."""
@@ -602,7 +636,7 @@ def _create_images(path: Path, shape: tuple[int, ...]) -> np.memmap:
 
 
 def _write_images(path: Path, src: Path, kept: list[SourceClass], size: int, resize: bool, skip_bad: bool,
-                  min_images: int) -> tuple[list[ClassInfo], list[dict], list[dict]]:
+                  min_images: int, workers: int) -> tuple[list[ClassInfo], list[dict], list[dict]]:
     """Decode the classes `kept` into rows of `path`, class after class.
 
     Returns the classes written, the skipped images, and the classes excluded because too few images remained.
@@ -610,18 +644,17 @@ def _write_images(path: Path, src: Path, kept: list[SourceClass], size: int, res
     n_max = sum(len(c.images) for c in kept)
     images = _create_images(path, (n_max, size, size, 3))
     classes, skipped, excluded, row = [], [], [], 0
-    with progress_bar(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar:
+    decoded = _decoded([item for c in kept for item in c.images], size if resize else None, workers)
+    with progress_bar(total=n_max, desc=f"convert {src.name}", unit="img", leave=False) as bar, decoded as results:
         for name, split, group, items in ((c.name, c.split, c.group, c.images) for c in kept):
             start = row
             for file in items:
                 bar.update()
-                try:
-                    pixels = _decode(file, size if resize else None)
-                except _DECODE_ERRORS as err:
+                pixels, error = next(results)
+                if error is not None:
                     if not skip_bad:
-                        raise SmatError(f"{file}: cannot read image ({err}); fix or remove it, or pass --skip-bad"
-                                        ) from None
-                    skipped.append({"file": _item_name(file, src), "reason": str(err)})
+                        raise SmatError(f"{file}: cannot read image ({error}); fix or remove it, or pass --skip-bad")
+                    skipped.append({"file": _item_name(file, src), "reason": error})
                     continue
                 if pixels.shape != (size, size, 3):
                     raise SmatError(f"{file}: image is {pixels.shape[1]}x{pixels.shape[0]} but other images are "

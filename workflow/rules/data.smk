@@ -30,7 +30,7 @@ rule convert_dataset:
         "results/benchmarks/convert_dataset/{dataset}.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: 1
+    threads: 4  # decoding processes (--workers); Snakemake lowers it to --cores
     resources:
         runtime=per_attempt(10),
         mem_mb=per_attempt(2000),
@@ -41,4 +41,4 @@ rule convert_dataset:
         options=conversion_args,
     shell:
         "smat data convert {params.format} {params.src:q} --out {params.out} --domain {wildcards.dataset} "
-        "{params.options} > {log} 2>&1"
+        "--workers {threads} {params.options} > {log} 2>&1"
