@@ -2,10 +2,11 @@
 
 Writes a synthetic domain (JPEG images of the source size, as the official TFRecords and PMF's h5 files hold
 them) in both formats, converts each into a store at 128 and at 224 px (`smat data convert`), then reads
-random episode-sized batches from the stores. Prints and records images/s; also the store size of every
-dataset of config/paper.yaml from the published image counts.
+random episode-sized batches from the stores. Prints and records images/s; the conversion with 1 and with
+`--workers` decoding processes (TFRecords, 128 px; the stores must be identical) and the ImageNet time it
+projects; also the store size of every dataset of config/paper.yaml from the published image counts.
 
-    python benchmarks/bench_formats.py [--images 2000] [--out benchmarks/results/formats.json]
+    python benchmarks/bench_formats.py [--images 2000] [--workers 2] [--out benchmarks/results/formats.json]
 """
 
 from __future__ import annotations
@@ -99,9 +100,31 @@ def paper_disk() -> dict:
     return {"datasets": sizes, "total_gb": round(sum(s["gb"] for s in sizes.values()), 1)}
 
 
+def parallel_conversion(tmp: Path, n_images: int, workers: int) -> dict:
+    """TFRecords at 128 px, converted with one decoding process and with `workers`: rates, speed-up, whether
+    the two stores' pixels are the same bytes, and ImageNet's conversion time at each rate."""
+    src = synthetic_domain(tmp / "parallel", "tfrecords", n_images, int(128 * 1.15))
+    rates, pixels = {}, {}
+    for n in (1, workers):
+        out = tmp / f"parallel-store-{n}"
+        start = time.perf_counter()
+        convert_meta_dataset(src, out, "tfrecords", image_size=128, workers=n)
+        rates[n] = n_images / (time.perf_counter() - start)
+        pixels[n] = (out / "images.npy").read_bytes()
+    imagenet = PUBLISHED_IMAGES["ilsvrc_2012"]
+    result = {"workers": workers, "img_per_s": {str(n): round(r, 1) for n, r in rates.items()},
+              "speedup": round(rates[workers] / rates[1], 2), "identical_pixels": pixels[1] == pixels[workers],
+              "imagenet_minutes": {str(n): round(imagenet / r / 60, 1) for n, r in rates.items()}}
+    print(f"tfrecords 128 px with {workers} workers: {result['speedup']}x one process "
+          f"({result['img_per_s']}), identical pixels: {result['identical_pixels']}; ImageNet "
+          f"{result['imagenet_minutes']} min")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "formats.json"))
     args = parser.parse_args()
     results = {"images": args.images, "conversion": {}, "random_read": {}, "h5_in_place_read": {}}
@@ -119,6 +142,7 @@ def main() -> None:
                     print(f"pmf-h5 read in place, {size} px source: {results['h5_in_place_read'][f'{size}px']} img/s")
                 print(f"{kind:9s} {size} px: convert {rate:7.1f} img/s, random reads "
                       f"{results['random_read'][f'{size}px']:9.1f} img/s")
+        results["workers"] = parallel_conversion(Path(tmp), args.images, args.workers)
     results["paper_disk"] = paper_disk()
     print(f"paper configuration: {results['paper_disk']['total_gb']} GB of stores")
     write_json(args.out, results)
