@@ -30,7 +30,7 @@ rule convert_dataset:
         "results/benchmarks/convert_dataset/{dataset}.tsv"
     conda:
         "../../envs/smat.yaml"
-    threads: 4  # decoding processes (--workers); Snakemake lowers it to --cores
+    threads: 1  # decoding processes (--workers); the paper profile sets 4
     resources:
         runtime=per_attempt(10),
         mem_mb=per_attempt(2000),
