@@ -286,21 +286,28 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return read_json_sha256(path)[0]
+    return _parse_json(Path(path), _read_json_bytes(Path(path)))
 
 
 def read_json_sha256(path: str | os.PathLike) -> tuple[Any, str]:
     """The parsed JSON file and the sha256 of the very bytes that were parsed (read once, so a file replaced
     meanwhile cannot give one version's content with another's hash)."""
-    path = Path(path)
+    data = _read_json_bytes(Path(path))
+    return _parse_json(Path(path), data), hashlib.sha256(data).hexdigest()
+
+
+def _read_json_bytes(path: Path) -> bytes:
     if path.exists() and not path.is_file():       # a FIFO would block the read, a folder fail obscurely
         raise SmatError(f"{path}: not a regular file")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise SmatError(f"{path}: file not found") from None
+
+
+def _parse_json(path: Path, data: bytes) -> Any:
     try:
-        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as err:
         raise SmatError(f"{path}: not valid JSON ({err})") from None
 

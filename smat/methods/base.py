@@ -85,6 +85,10 @@ class FewShotModel(nn.Module):
         """(SGD groups, AdamW groups) of meta-training, from the `OptimConfig` `optim`."""
         raise NotImplementedError
 
+    def end_update_(self, alpha: list[float], lrs: dict[str, float]) -> None:
+        """What a method does after each optimiser step, given the update's mean α and the SGD groups' learning
+        rates; nothing by default."""
+
     def alignment_parameters(self) -> dict[str, list[Tensor]]:
         """Trained parameters whose per-task meta-gradients the gradient-alignment analysis compares."""
         raise NotImplementedError

@@ -133,18 +133,13 @@ def load_trained(path: Path, device: "torch.device | str") -> "tuple[FewShotMode
     Imported checkpoints describe their architecture in `backbone.spec` (smat.models.official). For models
     trained here the stored θ_pre position table gives the grid: a table at its pre-trained grid (DINO's 14x14
     for a 128-px run) is resampled per forward, as `load_pretrained` built it (METHOD §1.1)."""
-    import math
-
-    import torch
-
     from smat.models.backbones import create_backbone
+    from smat.models.checkpoint import table_grid
     from smat.training.checkpointing import read_model_checkpoint
 
     checkpoint, config = read_model_checkpoint(path)
     record = checkpoint["backbone"]
-    table = checkpoint["state_dict"].get("backbone.vit.pos_embed")
-    grid = math.isqrt(table.shape[1] - 1) if torch.is_tensor(table) and table.dim() == 3 and table.shape[1] > 1 else None
-    grid = grid if grid and grid * grid + 1 == table.shape[1] else None      # else load_state_dict names it
+    grid = table_grid(checkpoint["state_dict"].get("backbone.vit.pos_embed"))    # None: load_state_dict names it
     backbone = create_backbone(record["arch"], record["image_size"], dynamic_img_size=True, spec=record.get("spec"),
                                grid=grid)
     model = build_model(config, backbone)

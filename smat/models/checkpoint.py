@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import urllib.error
 import urllib.request
@@ -201,6 +202,14 @@ def _read_weights(path: Path, source: str) -> Any:
     # DINO training checkpoints also pickle their argparse.Namespace; nothing else beyond tensors is allowed.
     return load_torch(path, "PyTorch weights file", "expected .pth/.pt/.bin or .safetensors",
                       allowed=(argparse.Namespace,), name=source)
+
+
+def table_grid(table: Any) -> int | None:
+    """The side g of a (1, 1 + g², dim) position table; None for anything else (the shape checks name it)."""
+    if not torch.is_tensor(table) or table.dim() != 3 or table.shape[1] < 2:
+        return None
+    grid = math.isqrt(table.shape[1] - 1)
+    return grid if grid * grid + 1 == table.shape[1] else None
 
 
 def _grid(n_tokens: int, where: Any) -> int:

@@ -100,14 +100,18 @@ UPDATE_STREAM = 0x7A5D
 def task_seeds(seed: int, task: int) -> tuple[int, int]:
     """(augmentation seed, forward seed) of the training task with global index `task`: functions of the config
     seed and the index alone, so that any number of processes draws what one process draws (METHOD §11)."""
-    augment, forward = np.random.SeedSequence([TASK_STREAM, seed, task]).generate_state(2, np.uint64) >> np.uint64(1)
-    return int(augment), int(forward)
+    augment, forward = _stream_seeds(TASK_STREAM, seed, task, 2)
+    return augment, forward
 
 
 def update_seed(seed: int, first_task: int) -> int:
     """Seed of what a meta-update computes after its step (the gate samples of `end_update_`), from the config seed
     and the update's first task alone: the same in every process."""
-    return int(np.random.SeedSequence([UPDATE_STREAM, seed, first_task]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return _stream_seeds(UPDATE_STREAM, seed, first_task, 1)[0]
+
+
+def _stream_seeds(stream: int, seed: int, index: int, n: int) -> list[int]:
+    return [int(s) for s in np.random.SeedSequence([stream, seed, index]).generate_state(n, np.uint64) >> np.uint64(1)]
 
 
 @contextlib.contextmanager
@@ -254,10 +258,9 @@ class Trainer:
         grad_norms = {name: (norm if np.isfinite(norm) else None)      # an fp16 overflow step: skipped anyway
                       for name, norm in step(self.optimisers, self.scaler).items()}
         task_means = _mean_metrics(records)
-        if end_update := getattr(self.model, "end_update_", None):
-            lrs = {group["name"]: group["lr"] for group in self.optimisers.sgd.param_groups}
-            with seeded_global_rng(update_seed(c.seed, first), self.device):
-                end_update(task_means["alpha"], lrs)
+        lrs = {group["name"]: group["lr"] for group in self.optimisers.sgd.param_groups}
+        with seeded_global_rng(update_seed(c.seed, first), self.device):
+            self.model.end_update_(task_means.get("alpha", []), lrs)
         self.progress["tasks_seen"] += c.meta_batch
         self.progress["task_in_epoch"] += c.meta_batch
         self.model.tasks_seen.fill_(self.progress["tasks_seen"])
