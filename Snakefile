@@ -9,10 +9,11 @@ After `kill -9` of Snakemake: `snakemake --unlock`, then the same command with `
 """
 
 import os
+import shlex
 
 from snakemake.utils import min_version, validate
 
-from smat.config import exponents_as_numbers
+from smat.config_loader import exponents_as_numbers
 
 min_version("9.0")
 
@@ -35,11 +36,6 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
-
-
-check_config()
-
-
 include: "workflow/rules/data.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/episodes.smk"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smat.config import build_dataclass
+from smat.config_loader import build_dataclass
 from smat.data.loader import EpisodeTensors
 from smat.device import autocast, resolve_device
 from smat.io import provenance, write_json

@@ -32,8 +32,8 @@ from smat.data.store import Store, convert_imagefolder
 from smat.data.transforms import test_transform
 from smat.io import provenance, read_json, sha256_file, write_json
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import load_pretrained
-from smat.pretrain import pretrain
+from smat.models.pretrained import load_pretrained
+from smat.training.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"

@@ -16,17 +16,12 @@ import sys
 from pathlib import Path
 
 from smat import __version__
-from smat.config import MAX_SEED
+from smat.analysis.figures import FIGURES
+from smat.config_loader import MAX_SEED
+from smat.data.formats import SOURCE_FORMATS
+from smat.evaluation.modes import FINETUNE_MODES, NO_FINETUNING, tuned_modes
 from smat.io import SmatError, check_outputs, check_writable, disk_full_error, is_disk_full, run_lock
-
-# `smat data convert` formats of classic datasets, as their publishers distribute them (smat/data/classic.py).
-CLASSIC_FORMATS = {
-    "cifar": "CIFAR-10/100 python pickle batches",
-    "mnist": "MNIST idx files",
-    "food101": "Food-101 (images/ + meta/test.txt)",
-    "pets": "Oxford-IIIT Pets (images/ + annotations/test.txt)",
-    "cars": "Stanford Cars (cars_test/ + devkit .mat annotations)",
-}
+from smat.releases import PMF_RELEASE, SMAT_RELEASE
 
 # Commands whose --out is a folder written as a whole (the others write files).
 _FOLDER_OUTPUTS = {("data", "build-embedded"), ("data", "convert"), ("train", None)}
@@ -112,25 +107,12 @@ def _data(args: argparse.Namespace) -> None:
         from smat.data.embedded import build_embedded
 
         build_embedded(Path(args.out), size=args.size, seed=args.seed)
-    elif args.data_command == "convert" and args.format in ("tfrecords", "pmf-h5"):
-        from smat.data.meta_dataset import convert_meta_dataset
-
-        convert_meta_dataset(Path(args.src), Path(args.out), args.format, image_size=args.image_size,
-                             domain=args.domain, skip_bad=args.skip_bad, workers=args.workers)
-    elif args.data_command == "convert" and args.format in CLASSIC_FORMATS:
-        from smat.data.classic import convert_classic
-
-        convert_classic(args.format, Path(args.src), Path(args.out), image_size=args.image_size,
-                        splits=args.splits, role=args.role, domain=args.domain, seed=args.seed,
-                        workers=args.workers)
     elif args.data_command == "convert":
-        from smat.data.store import convert_imagefolder
+        from smat.data.formats import ConvertOptions, convert_source
 
-        convert_imagefolder(
-            Path(args.src), Path(args.out), image_size=args.image_size, splits=args.splits,
-            role=args.role, domain=args.domain, seed=args.seed, skip_bad=args.skip_bad,
-            min_images=args.min_images, workers=args.workers,
-        )
+        convert_source(args.format, Path(args.src), Path(args.out), ConvertOptions(
+            image_size=args.image_size, splits=args.splits, role=args.role, domain=args.domain, seed=args.seed,
+            skip_bad=args.skip_bad, min_images=args.min_images, workers=args.workers))
     elif args.data_command == "check":
         from smat.data.store import Store, check_store
 
@@ -156,16 +138,16 @@ def _episodes(args: argparse.Namespace) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from smat.models.checkpoint import fetch
+    from smat.models.pretrained import fetch
 
     fetch(args.source, Path(args.out), sha256=args.sha256, arch=args.arch)
 
 
 def _import(args: argparse.Namespace) -> None:
-    from smat.models.official import import_pmf, import_smat_official
+    from smat.releases.official import import_pmf, import_smat_official
 
     sizes = {"arch": args.arch, "heads": args.heads, "image_size": args.image_size}
-    if args.import_format == "smat-official":
+    if args.import_format == SMAT_RELEASE:
         import_smat_official(Path(args.checkpoint), Path(args.out), **sizes,
                              router_extra=Path(args.router_extra) if args.router_extra else None,
                              allow_missing_router=args.allow_missing_router)
@@ -174,7 +156,7 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from smat.pretrain import pretrain
+    from smat.training.pretrain import pretrain
 
     pretrain([Path(s) for s in args.store], Path(args.out), config=args.config, overrides=args.set,
              device=args.device, weights_out=Path(args.weights_out) if args.weights_out else None)
@@ -307,10 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_example("smat data convert imagefolder my_images --out resources/data/my-set --image-size 32",
                         "smat data convert pmf-h5 data/meta_dataset/omniglot --out resources/data/omniglot "
                         "--image-size 146"))
-    convert.add_argument("format", choices=["imagefolder", "tfrecords", "pmf-h5", *CLASSIC_FORMATS],
-                         help="imagefolder: one sub-folder of images per class; tfrecords / pmf-h5: a Meta-Dataset "
-                         "domain (class files + dataset_spec.json); " + "; ".join(
-                             f"{name}: {text}" for name, text in CLASSIC_FORMATS.items()))
+    convert.add_argument("format", choices=list(SOURCE_FORMATS), help="; ".join(
+        f"{name}: {source.description}" for name, source in SOURCE_FORMATS.items()))
     convert.add_argument("src", help="the dataset's folder, as downloaded (README: 'Running the paper configuration')")
     convert.add_argument("--out", required=True, help="store folder to write (replaced atomically)")
     convert.add_argument("--image-size", type=int, default=None,
@@ -393,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_.set_defaults(func=_import)
     import_commands = import_.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
     smat_official = import_commands.add_parser(
-        "smat-official", parents=[imported], help="checkpoint.pt of the official SMAT code (METHOD §10)",
+        SMAT_RELEASE, parents=[imported], help="checkpoint.pt of the official SMAT code (METHOD §10)",
         formatter_class=HelpFormatter,
         description="Import checkpoint.pt of the official SMAT code. Released files lack the router's keys "
         "and skill tokens: give them with --router-extra (METHOD §10).",
@@ -404,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     smat_official.add_argument("--allow-missing-router", action="store_true",
                                help="without them, use random stand-ins (a different model than the release)")
     import_commands.add_parser(
-        "pmf", parents=[imported], help="checkpoint.pth / best.pth of PMF's main.py", formatter_class=HelpFormatter,
+        PMF_RELEASE, parents=[imported], help="checkpoint.pth / best.pth of PMF's main.py",
+        formatter_class=HelpFormatter,
         description="Import PMF's released checkpoint.pth or best.pth (backbone, classifier scale and bias).",
         epilog=_example("smat import pmf best.pth --out results/models/released/pmf-release/best.pt"))
 
@@ -427,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", parents=[device, overrides], help="meta-tune (SMAT, PMF, SoftMerge)", formatter_class=HelpFormatter,
         description="Meta-tune θ_pre on episodes of the ID stores' train classes, selecting the checkpoint on "
-        "their val classes. Writes best.pt, train_log.jsonl, expert_masks.npz (SMAT) and DONE into --out; "
-        "an interrupted run resumes from its resume.pt.",
+        "their val classes. Writes best.pt, train_log.jsonl and expert_masks.npz (SMAT with gates) into --out, under "
+        "temporary names until the run ends; an interrupted run resumes from its resume.pt, a finished one (all "
+        "three there) is left as it is.",
         epilog=_example("smat train --config config/training/embedded.yaml --store resources/data/latin-greek "
                         "resources/data/cyrillic --pretrained resources/pretrained/vit_tiny_patch4_32.pt "
                         "--out results/models/smat/tau~0.9/experts~8/seed~0 --set method=smat --set tau=0.9"))
@@ -461,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--out results/eval/pmf/seed~0/digits/none.csv"))
     evaluate.set_defaults(func=_evaluate)
     evaluate.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
-    evaluate.add_argument("--finetune", choices=["none", "full", "lora"], default="none",
+    evaluate.add_argument("--finetune", choices=list(FINETUNE_MODES), default=NO_FINETUNING,
                           help="test-time fine-tuning: none, all weights, or LoRA adapters")
     evaluate.add_argument("--lr", type=float, default=None, help="fine-tuning lr for every dataset")
     evaluate.add_argument("--lr-from", nargs="+", default=None,
@@ -479,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--grid 0 0.0001 0.001 --out results/lr/pmf/seed~0/digits/full.json"))
     select.set_defaults(func=_select_lr)
     select.add_argument("--model", required=True, help="model checkpoint, or pretrained:FILE for Pre")
-    select.add_argument("--finetune", choices=["full", "lora"], required=True,
+    select.add_argument("--finetune", choices=tuned_modes(), required=True,
                         help="fine-tuning mode whose learning rate is searched")
     select.add_argument("--grid", nargs="+", action="append", default=None, metavar="LR",
                         help="learning rates to try; give once for every dataset or once per dataset "
@@ -544,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_example("smat figures mask-overlap --inputs results/models/smat/tau~0.9/experts~8/seed~0/"
                         "expert_masks.npz --out-prefix results/figures/mask_overlap"))
     figures.set_defaults(func=_figures)
-    figures.add_argument("figure", choices=["pareto", "grad-alignment", "capacity", "dendrogram",
-                                            "mask-overlap", "curves", "anatomy"], help="which figure")
+    figures.add_argument("figure", choices=list(FIGURES), help="which figure")
     figures.add_argument("--inputs", nargs="+", required=True, help="the files the figure reads (see above)")
     figures.add_argument("--out-prefix", required=True, help="writes PREFIX.png and PREFIX.pdf")
     return parser

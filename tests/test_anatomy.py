@@ -13,13 +13,13 @@ import torch
 from smat.analysis.anatomy import (anatomy_table, gate_anatomy, groups_of, pretrained_weights, read_datasets,
                                    tensor_group)
 from smat.cli import main
-from smat.config import to_dict
+from smat.config_loader import to_dict
 from smat.data.episodes import sample_to_file
 from smat.io import read_json
 from smat.methods.base import backbone_parameters
 from smat.methods.pmf import PMF
-from smat.models.checkpoint import load_pretrained
-from smat.training.checkpointing import save_model_checkpoint
+from smat.models.pretrained import load_pretrained
+from smat.methods.checkpoint import save_model_checkpoint
 from smat.training.config import TrainConfig
 from tests.test_evaluation import ARCH, build_pretrained, build_smat, build_store
 

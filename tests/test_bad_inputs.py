@@ -13,7 +13,7 @@ from PIL import Image
 
 from smat.cli import main
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import save_checkpoint
+from smat.models.pretrained import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vit_tiny_patch4_32"

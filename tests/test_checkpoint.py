@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from smat.cli import main
 from smat.io import SmatError, sha256_file
 from smat.models.backbones import BACKBONES, AuthorsPosEmbedViT, create_backbone, resample_pos_embed_by_scale
-from smat.models.checkpoint import FORMAT, fetch, load_pretrained, read_checkpoint, save_checkpoint
+from smat.models.pretrained import FORMAT, fetch, load_pretrained, read_checkpoint, save_checkpoint
 
 TINY = "vit_tiny_patch4_32"
 DIM = BACKBONES[TINY]["kwargs"]["embed_dim"]
@@ -291,7 +291,7 @@ def test_tiny_backbone_at_its_own_grid_is_the_plain_timm_vit_bit_for_bit(tmp_pat
 
 
 def test_pre_at_224_px_uses_dinos_table_bit_for_bit(dino_vits):
-    from smat.methods.registry import load_model
+    from smat.methods.checkpoint import load_model
 
     weights, path = dino_vits
     pre = load_model(f"pretrained:{path}", "cpu")              # the registry's 128 px
@@ -346,8 +346,9 @@ def test_trained_model_checkpoint_keeps_the_native_grid_and_evaluates_the_same(t
     from smat.data.episodes import load_episode_file, sample_to_file
     from smat.data.store import Store
     from smat.evaluation.evaluate import EpisodeRunner
-    from smat.methods.registry import build_model, load_trained
-    from smat.training.checkpointing import read_model_checkpoint
+    from smat.methods.registry import build_model
+    from smat.methods.checkpoint import load_trained
+    from smat.methods.checkpoint import read_model_checkpoint
     from smat.training.loop import train
 
     stores = [make_store(tmp_path / name, name, seed) for seed, name in enumerate(["alpha", "beta"])]

@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 from smat.cli import describe_error, main
-from smat.config import apply_overrides, build_dataclass, load_config
+from smat.config_loader import apply_overrides, build_dataclass, load_config
 from smat.io import SmatError, atomic_open, read_json, stable_hash, write_json
 
 

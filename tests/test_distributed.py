@@ -31,9 +31,11 @@ from smat.io import SmatError
 from smat.methods.registry import build_model
 from smat.methods.sparsity import realised_sparsity
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import save_checkpoint
-from smat.training.checkpointing import load_resume, read_model_checkpoint
-from smat.training.config import GateConfig, TrainConfig
+from smat.models.pretrained import save_checkpoint
+from smat.methods.checkpoint import read_model_checkpoint
+from smat.training.resume import load_resume
+from smat.methods.config import GateConfig
+from smat.training.config import TrainConfig
 from smat.training.distributed import launched_world_size, process_device
 from smat.training.loop import seeded_global_rng, train
 
@@ -215,7 +217,8 @@ def test_kill_9_of_torchrun_stops_its_processes_and_the_same_command_resumes(tin
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in workers), "the processes of a killed torchrun went on training"
-    assert not (out / "DONE").exists(), "the run finished before it could be killed"
+    assert not {"best.pt", "train_log.jsonl", "expert_masks.npz"} & {p.name for p in out.iterdir()}, \
+        "the run finished before it could be killed (or wrote a product under its final name early)"
     assert 0 < load_resume(out / "resume.pt")["progress"]["tasks_seen"] < 16
 
     done = torchrun(args[len(TORCHRUN):])
@@ -227,7 +230,9 @@ def test_kill_9_of_torchrun_stops_its_processes_and_the_same_command_resumes(tin
         b, _ = read_model_checkpoint(out / name)
         assert a["progress"] == b["progress"]
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert json.loads((out / "DONE").read_text()) == json.loads((uninterrupted / "DONE").read_text())
+    assert (out / "expert_masks.npz").read_bytes() == (uninterrupted / "expert_masks.npz").read_bytes()
+    assert not (out / "resume.pt").exists() and not list(out.glob("*.partial.*"))
+    assert json.loads((out / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
 
 
 def test_a_resume_state_of_the_per_process_random_stream_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from smat.cli import main
-from smat.config import build_dataclass
+from smat.config_loader import build_dataclass
 from smat.data.episodes import SamplerConfig, load_episode_file, make_sampler, sample_episodes, sample_to_file
 from smat.data.store import Store
 from smat.io import SmatError, read_json, sha256_file, write_json

@@ -18,14 +18,14 @@ from smat.data.store import Store, convert_imagefolder
 from smat.evaluation.evaluate import EpisodeRunner, evaluate, evaluate_many
 from smat.evaluation.results import EVAL_COLUMNS
 from smat.evaluation.select_lr import select_lr
-from smat.config import to_dict
+from smat.config_loader import to_dict
 from smat.io import SmatError, read_json, sha256_file, stable_hash
 from smat.methods.pmf import PMF
 from smat.methods.pre import Pre
 from smat.methods.registry import build_model
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import save_checkpoint
-from smat.training.checkpointing import save_model_checkpoint
+from smat.models.pretrained import save_checkpoint
+from smat.methods.checkpoint import save_model_checkpoint
 from smat.training.config import TrainConfig
 
 ARCH = "vit_tiny_patch4_32"

@@ -32,13 +32,13 @@ import torch
 from PIL import Image
 
 from smat.cli import main
-from smat.config import load_config, nonfinite_keys
+from smat.config_loader import load_config, nonfinite_keys
 from smat.data.episodes import load_episode_file
 from smat.data.store import SourceClass, Store, _decode, write_store
 from smat.io import SmatError, atomic_path, run_lock, sha256_file
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import save_checkpoint
-from smat.pretrain import PretrainConfig
+from smat.models.pretrained import save_checkpoint
+from smat.training.pretrain import PretrainConfig
 from smat.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -415,11 +415,11 @@ def test_an_episode_file_replaced_during_the_run_is_not_the_one_recorded(data, t
 
 
 def test_a_model_file_replaced_while_it_loads_is_an_error(data, tmp_path, capsys, monkeypatch):
-    import smat.methods.registry as registry
+    import smat.methods.checkpoint as checkpoint
 
     model = tmp_path / "tiny.pt"
     shutil.copy(data / "tiny.pt", model)
-    real_load = registry.load_model
+    real_load = checkpoint.load_model
 
     def load_then_replace(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
@@ -428,7 +428,7 @@ def test_a_model_file_replaced_while_it_loads_is_an_error(data, tmp_path, capsys
                         meta={"image_size": 32})
         return loaded
 
-    monkeypatch.setattr(registry, "load_model", load_then_replace)
+    monkeypatch.setattr(checkpoint, "load_model", load_then_replace)
     message = one_line_error(capsys, _evaluate(tmp_path, tmp_path / "e.csv", episodes=str(data / "episodes.json"),
                                                store=str(data / "store")))
     assert f"{model}: the model file changed while it was being read" in message
@@ -576,11 +576,13 @@ def test_the_next_run_removes_what_a_killed_writer_left(data, tmp_path):
 def test_train_removes_what_a_killed_run_left_in_its_out(data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    left = _killed_writer("file", out / "best.pt")           # a file the rerun, already done, never writes again
-    (out / "DONE").write_text("{}")                           # a finished run (of another config: refused)
+    left = _killed_writer("file", out / "best.partial.pt")   # a file the rerun, already done, never writes again
+    finished = {name: out / name for name in ("expert_masks.npz", "train_log.jsonl", "best.pt", "summary.json")}
+    for path in finished.values():                          # a finished run (of another config: refused)
+        path.write_bytes(b"{}")
     assert main(["train", "--config", CI_TRAINING, "--store", str(data / "store"), "--pretrained",
                  str(data / "tiny.pt"), "--out", str(out), "--set", "validation.episodes=0"]) == 2
-    assert not left[0].exists() and (out / "DONE").exists()
+    assert not left[0].exists() and all(path.read_bytes() == b"{}" for path in finished.values())
 
 
 def test_a_live_writers_temporary_file_is_kept(tmp_path):

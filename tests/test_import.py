@@ -23,9 +23,9 @@ from torch.func import functional_call
 
 from smat.cli import main
 from smat.io import SmatError
-from smat.methods.registry import load_trained
+from smat.methods.checkpoint import load_trained
 from smat.models.backbones import create_backbone, resample_pos_embed_by_scale
-from smat.models.official import hf_parameter_names, import_pmf, import_smat_official
+from smat.releases.official import hf_parameter_names, import_pmf, import_smat_official
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
 SMAT_DIR, PMF_DIR = FIXTURES / "smat_vits_hf_tiny", FIXTURES / "pmf_tiny"
@@ -356,7 +356,7 @@ def test_heads_are_required_when_no_registered_backbone_has_the_sizes(tmp_path):
 
 def official_pmf_file(tmp_path: Path) -> tuple[Path, dict]:
     """PMF's main.py container (fixture README §2.2): the ProtoNet state dict and a Namespace with numpy floats."""
-    from smat.models.official import PMF_LAYER_NORM_EPS, POS_EMBED_PER_FORWARD
+    from smat.releases.official import PMF_LAYER_NORM_EPS, POS_EMBED_PER_FORWARD
 
     spec = {"embed_dim": D, "depth": DEPTH, "num_heads": HEADS, "mlp_ratio": 2.0, "patch_size": PATCH, "grid": GRID,
             "norm_eps": PMF_LAYER_NORM_EPS, "pos_embed": POS_EMBED_PER_FORWARD}

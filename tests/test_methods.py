@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smat.config import build_dataclass
+from smat.config_loader import build_dataclass
 from smat.data.loader import EpisodeTensors
 from smat.io import SmatError
 from smat.methods.base import backbone_parameters

@@ -97,7 +97,8 @@ def test_every_table1_model_is_meta_tuned_from_the_fetched_backbone(paper_run):
     fetched = (workdir / "logs" / "fetch_backbone" / "vit_small_patch16_dino.log").read_text()
     assert f"sha256 {paper_run['overlay']['backbone']['fetch']['sha256']}" in fetched        # checked, then kept
     models = workdir / "results" / "models"
-    trained = sorted(str(p.parent.relative_to(models)) for p in models.glob("**/DONE"))
+    trained = sorted(str(p.parent.relative_to(models)) for p in models.glob("**/train_log.jsonl")
+                     if (p.parent / "best.pt").is_file())
     smat = read_config(PAPER)["models"]["smat"]
     assert trained == ["pmf/seed~0", f"smat/tau~{smat['tau']}/experts~{smat['experts']}/seed~0",
                        f"softmerge/experts~{read_config(PAPER)['models']['softmerge']['experts']}/seed~0"]

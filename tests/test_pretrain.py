@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from smat.cli import main
-from smat.config import load_config
+from smat.config_loader import load_config
 from smat.data.store import convert_imagefolder
 from smat.io import SmatError
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import load_pretrained, read_checkpoint
-from smat.pretrain import PretrainConfig, pretrain
+from smat.models.pretrained import load_pretrained, read_checkpoint
+from smat.training.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 epochs x 2 steps of 12 images over the 24 train images of the store below, the first epoch at 16 px;

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from smat.config import build_dataclass
+from smat.config_loader import build_dataclass
 from smat.data.loader import EpisodeTensors
 from smat.methods.registry import build_model
 from smat.methods.router import Router, router_temperature

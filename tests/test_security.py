@@ -56,6 +56,7 @@ def payload_cases(d: Path, work: Path, marker: Path) -> dict[str, list[str]]:
     evil = _torch_payload(work / "evil.pt", marker, {"format": "smat-model/1"})
     (work / "run").mkdir()
     _torch_payload(work / "run" / "resume.pt", marker, {"format": "smat-resume/2"})
+    (work / "run" / "train_log.partial.jsonl").write_text("")       # with its log, a resume state is read
     _torch_payload(work / "p.pt.partial", marker, {"format": "smat-pretrain-partial/1"})
     cifar = work / "cifar"
     cifar.mkdir()
@@ -125,7 +126,7 @@ def test_a_resume_state_still_resumes(data, tmp_path):
     args = ["train", "--config", CI_TRAINING, "--store", str(data / "store"), "--pretrained", str(data / "tiny.pt"),
             "--device", "cpu", "--out", str(out), "--set", "epochs=1", "--set", "tasks_per_epoch=4",
             "--set", "meta_batch=2", "--set", "validation.episodes=0", "--set", "checkpoint.every_tasks=2"]
-    from smat.training.checkpointing import load_resume, save_resume
+    from smat.training.resume import load_resume, save_resume
 
     out.mkdir()
     save_resume(out / "probe.pt", {"run_id": "x", "rng": {"sampler": np.random.default_rng(0).bit_generator.state},
@@ -133,7 +134,8 @@ def test_a_resume_state_still_resumes(data, tmp_path):
     state = load_resume(out / "probe.pt")
     assert state["rng"]["sampler"] == np.random.default_rng(0).bit_generator.state
     (out / "probe.pt").unlink()
-    assert main(args) == 0 and (out / "DONE").exists()
+    assert main(args) == 0 and (out / "best.pt").is_file() and (out / "train_log.jsonl").is_file()
+    assert not (out / "resume.pt").exists()
 
 
 # --- names read from files -----------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from smat.config import load_config
+from smat.config_loader import load_config
 from smat.models.backbones import create_backbone
-from smat.training.config import OptimConfig, RouterConfig, TrainConfig
+from smat.methods.config import RouterConfig
+from smat.training.config import OptimConfig, TrainConfig
 from smat.training.time_scales import Budget, Gains, compress
 
 ROOT = Path(__file__).resolve().parents[1]

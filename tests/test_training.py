@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -14,18 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from smat.config import load_config, load_yaml, to_dict
+from smat.config_loader import load_config, load_yaml, to_dict
 from smat.data.episodes import make_sampler
 from smat.data.loader import EpisodeTensors, load_episode
 from smat.data.store import Store
 from smat.data.transforms import train_transform
 from smat.io import SmatError
-from smat.methods.registry import build_model, load_model
+from smat.methods.registry import build_model
+from smat.methods.checkpoint import load_model
 from smat.models.backbones import create_backbone
-from smat.models.checkpoint import load_pretrained, save_checkpoint
-from smat.training.checkpointing import load_resume, read_model_checkpoint
+from smat.models.pretrained import load_pretrained, save_checkpoint
+from smat.methods.checkpoint import read_model_checkpoint
+from smat.training.resume import load_resume
 from smat.training.config import TrainConfig
-from smat.training.grad_alignment import gradient_alignment
+from smat.training.alignment_probe import gradient_alignment
 from smat.training.loop import train
 from smat.training.optim import build_optimisers, lr_multiplier, set_epoch_lr
 
@@ -158,7 +161,9 @@ def test_training_configs_state_only_what_differs_from_the_defaults(name):
 
 def test_train_writes_every_output(finished_run, data):
     out = finished_run
-    assert (out / "DONE").exists() and not (out / "resume.pt").exists()
+    assert all((out / name).is_file() for name in ("best.pt", "train_log.jsonl", "expert_masks.npz", "summary.json"))
+    assert not (out / "resume.pt").exists() and not list(out.glob("*.partial.*"))
+    assert json.loads((out / "summary.json").read_text())["method"] == "smat"
     assert sorted(p.name for p in (out / "val_episodes").iterdir()) == ["alpha.json", "beta.json"]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
@@ -198,20 +203,24 @@ def test_collapsed_gates_are_warned_about_once_per_epoch(finished_run, data):
     out = data["root"] / "collapse"
     train(CI_CONFIG, data["stores"], data["pretrained"], out, device="cpu",
           overrides=FAST + ["optim.mask_lr=1e12", "optim.lagrangian_lr=1e4"])
-    summary = json.loads((out / "DONE").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     warnings = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "warning"]
     assert [w["epoch"] for w in warnings] == [1]
     assert summary["warnings"] == [w["message"] for w in warnings]
     assert "gates collapsed" in warnings[0]["message"] and "tau=0.5" in warnings[0]["message"]
-    normal = json.loads((finished_run / "DONE").read_text())
+    normal = json.loads((finished_run / "summary.json").read_text())
     assert normal["warnings"] == [] and 0 < normal["lambda_active_updates"] <= 8
 
 
-def test_finished_run_reinvoked_is_a_no_op(finished_run, data):
+def test_finished_run_reinvoked_is_a_no_op(finished_run, data, caplog):
+    """A directory with every final file (best.pt, train_log.jsonl, expert_masks.npz) is finished: no marker."""
     stamps = {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir() if p.is_file()}
-    train(CI_CONFIG, data["stores"], data["pretrained"], finished_run, overrides=FAST, device="cpu")
+    with caplog.at_level(logging.INFO, logger="smat.training.loop"):
+        train(CI_CONFIG, data["stores"], data["pretrained"], finished_run, overrides=FAST, device="cpu")
     assert stamps == {p.name: p.stat().st_mtime_ns for p in finished_run.iterdir() if p.is_file()}
+    assert [r.getMessage() for r in caplog.records if "already trained" in r.getMessage()] == [
+        f"{finished_run}: already trained (expert_masks.npz, train_log.jsonl, best.pt exist); nothing to do"]
     with pytest.raises(SmatError, match="different config"):
         train(CI_CONFIG, data["stores"], data["pretrained"], finished_run, overrides=FAST + ["seed=1"], device="cpu")
 
@@ -225,7 +234,9 @@ def test_kill_9_then_rerun_resumes_and_ends_equal_to_an_uninterrupted_run(finish
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "DONE").exists(), "the run finished before it could be killed"
+    assert not {"best.pt", "train_log.jsonl", "expert_masks.npz"} & {p.name for p in out.iterdir()}, \
+        "the run finished before it could be killed (or wrote a product under its final name early)"
+    assert (out / "train_log.partial.jsonl").is_file()
     interrupted_at = load_resume(out / "resume.pt")["progress"]["tasks_seen"]
     assert 0 < interrupted_at < 16
     run_cli(args)
@@ -236,7 +247,41 @@ def test_kill_9_then_rerun_resumes_and_ends_equal_to_an_uninterrupted_run(finish
         assert a["progress"] == b["progress"]
         assert a["state_dict"].keys() == b["state_dict"].keys()
         assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert json.loads((out / "DONE").read_text()) == json.loads((finished_run / "DONE").read_text())
+    assert (out / "expert_masks.npz").read_bytes() == (finished_run / "expert_masks.npz").read_bytes()
+    assert not (out / "resume.pt").exists() and not list(out.glob("*.partial.*"))
+    assert json.loads((out / "summary.json").read_text()) == json.loads((finished_run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("outputs_deleted", [False, True], ids=["rerun", "rerun-after-snakemake-deleted-outputs"])
+def test_a_run_cut_off_while_renaming_its_products_ends_equal_to_an_uninterrupted_run(finished_run, data, monkeypatch,
+                                                                                      outputs_deleted):
+    """Killed between the renames at the end: the rerun takes back what was renamed and finishes; if the renamed
+    files are gone (Snakemake deletes a failed job's declared outputs), it trains again from the start."""
+    out = data["root"] / f"run_cut_renaming_{outputs_deleted}"
+    rename = Path.replace
+
+    def killed_at_best(path, target):
+        if path.name == "best.partial.pt":
+            raise KeyboardInterrupt("killed")
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "replace", killed_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(CI_CONFIG, data["stores"], data["pretrained"], out, overrides=FAST, device="cpu")
+    monkeypatch.undo()
+    assert (out / "expert_masks.npz").is_file() and (out / "train_log.jsonl").is_file()
+    assert (out / "best.partial.pt").is_file() and not (out / "best.pt").exists() and (out / "resume.pt").is_file()
+    if outputs_deleted:
+        (out / "expert_masks.npz").unlink()
+        (out / "train_log.jsonl").unlink()
+    train(CI_CONFIG, data["stores"], data["pretrained"], out, overrides=FAST, device="cpu")
+    assert (out / "train_log.jsonl").read_bytes() == (finished_run / "train_log.jsonl").read_bytes()
+    assert (out / "expert_masks.npz").read_bytes() == (finished_run / "expert_masks.npz").read_bytes()
+    a, _ = read_model_checkpoint(finished_run / "best.pt")
+    b, _ = read_model_checkpoint(out / "best.pt")
+    assert a["progress"] == b["progress"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
+                                                  for k in a["state_dict"])
+    assert not (out / "resume.pt").exists() and not list(out.glob("*.partial.*"))
 
 
 def test_short_run_lowers_the_query_loss(finished_run, data):
@@ -266,8 +311,8 @@ def test_baselines_and_dense_ablation_train_through_the_same_loop(data, override
     train(CI_CONFIG, data["stores"], data["pretrained"], out, device="cpu",
           overrides=[f"image_size={SIZE}", "epochs=1", "tasks_per_epoch=4", "validation.episodes=1"] + overrides)
     record, config = read_model_checkpoint(out / "best.pt")
-    assert record["method"] == config.method and (out / "DONE").exists()
-    assert not (out / "expert_masks.npz").exists()
+    assert record["method"] == config.method and (out / "train_log.jsonl").is_file()
+    assert not (out / "expert_masks.npz").exists() and not list(out.glob("*.partial.*"))
     train_record = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert train_record["sparsity"] == [] and train_record["lambda"] == []
     assert load_model(str(out / "best.pt"), "cpu").method == config.method
@@ -287,7 +332,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     with pytest.raises(SmatError, match="non-finite loss"):
         train(CI_CONFIG, data["stores"], data["pretrained"], out, device="cpu",
               overrides=FAST + ["checkpoint.every_tasks=2", "optim.delta_lr=1.0e+38", "switches.dt=false"])
-    assert not (out / "DONE").exists()
+    assert not (out / "best.pt").exists() and not (out / "train_log.jsonl").exists()
     assert load_resume(out / "resume.pt")["progress"]["tasks_seen"] >= 2
 
 

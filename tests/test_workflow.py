@@ -23,8 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from smat.config import load_config
-from smat.methods.registry import load_model
+from smat.config_loader import load_config
+from smat.methods.checkpoint import load_model
 from smat.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,8 +133,8 @@ def released_config(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory, user_dataset_config, released_config):
     """Run `all_tables` on the CI config (+ the user dataset), kill -9 Snakemake and its jobs while a model
-    is being meta-tuned (after its first validation wrote best.pt, which evaluation must not read before
-    training finishes), then recover as the README says: the same command refuses to start (stale lock),
+    is being meta-tuned (after its first validation wrote best.partial.pt, the model that becomes best.pt, which
+    evaluation must not read before training finishes), then recover as the README says: the same command refuses to start (stale lock),
     `snakemake --unlock`, then the same command with --rerun-incomplete runs to completion."""
     workdir = tmp_path_factory.mktemp("ci_workflow")
     args = ["--cores", "2", "all_tables", "table1_released", "--configfile", str(CI_CONFIG), str(user_dataset_config),
@@ -146,10 +146,10 @@ def ci_run(tmp_path_factory, user_dataset_config, released_config):
     try:
         while process.poll() is None and time.monotonic() < deadline:
             resumable = [path for path in sorted((workdir / "results" / "models").glob("**/resume.pt"))
-                         if (path.parent / "best.pt").exists()]
+                         if (path.parent / "best.partial.pt").exists()]
             if resumable:
                 interrupted = resumable[0].parent
-                lines_before = (interrupted / "train_log.jsonl").read_text().count("\n")
+                lines_before = (interrupted / "train_log.partial.jsonl").read_text().count("\n")
                 break
             time.sleep(0.05)
     finally:
@@ -188,12 +188,13 @@ def test_rerun_after_kill_resumes_meta_tuning_and_keeps_results(ci_run):
     tasks = [r["task"] for r in records if r["kind"] == "train"]
     assert len(records) >= ci_run["lines_before"] > 0
     assert tasks == sorted(set(tasks)), "a resumed log must continue, not repeat or restart"
-    assert (model_dir / "DONE").is_file() and (model_dir / "best.pt").is_file()
-    assert not (model_dir / "resume.pt").exists()
+    # The declared products, under their final names; the temporary names and the resume state are gone.
+    assert (model_dir / "best.pt").is_file() and (model_dir / "train_log.jsonl").is_file()
+    assert not (model_dir / "resume.pt").exists() and not list(model_dir.glob("*.partial.*"))
     # Everything that read the model did so after the resumed training had finished.
     readers = sorted((ci_run["workdir"] / "results" / "eval" / model_id).glob("**/*.csv"))
     assert readers
-    done = (model_dir / "DONE").stat().st_mtime
+    done = (model_dir / "best.pt").stat().st_mtime       # renamed last: the end of the training job
     assert all(path.stat().st_mtime >= done for path in readers)
 
 
@@ -442,7 +443,7 @@ def test_paper_dag_on_the_documented_data_layout_converts_every_dataset(tmp_path
     sizes = " ".join("224" if d.get("eval_image_size") == 224 else "model" for d in config["datasets"].values()
                      if d["role"] != "pretrain")
     assert f"--image-size {sizes} " in dry.stdout
-    for rule in ("meta_tune", "select_lr", "evaluate", "table1", "table2"):
+    for rule in ("meta_tune", "meta_tune_dense", "select_lr", "evaluate", "table1", "table2"):
         assert f"rule {rule}:" in dry.stdout or f"localrule {rule}:" in dry.stdout, rule
 
 
@@ -465,6 +466,6 @@ def test_profiles_are_commented_and_request_gpus_the_plugin_way(profile):
         assert settings["rerun-incomplete"] is True
     if profile == "paper":
         # Every rule that runs a job gets the paper's sizes (use rule ... as does not inherit them).
-        rules = {"pretrain_backbone", "meta_tune", "select_lr", "evaluate", "build_embedded",
+        rules = {"pretrain_backbone", "meta_tune", "meta_tune_dense", "select_lr", "evaluate", "build_embedded",
                  "convert_dataset", "sample_episodes"}
         assert set(settings["set-threads"]) == set(settings["set-resources"]) == rules

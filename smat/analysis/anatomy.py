@@ -213,7 +213,7 @@ def anatomy_table(model, theta_pre: dict[str, Tensor], datasets: Sequence[Datase
                            "size": sum(theta_pre[n].numel() for n in members)}
                           for label, members in groups_of(list(theta_pre)).items()])
     table = table.merge(shares, on="group").merge(revert_effects(accuracies), on="group", how="left")
-    masks = model.expert_masks() if hasattr(model, "expert_masks") else None
+    masks = model.expert_masks()
     if masks is not None:
         gates = gate_anatomy({n: m.cpu().numpy() for n, m in masks.items()})
         table = table.merge(gates.drop(columns=["part", "depth", "size"]), on="group", how="left")
@@ -226,8 +226,8 @@ def run(model_spec: str, pretrained: Path, names: Sequence[str], roles: Sequence
     """`smat anatomy`: the anatomy table of one model, as OUT (CSV, one row per group) and OUT.json (summary)."""
     from smat.device import resolve_device
     from smat.io import atomic_path, provenance, sha256_file, write_json
-    from smat.methods.registry import load_model
-    from smat.models.checkpoint import load_pretrained
+    from smat.methods.checkpoint import load_model
+    from smat.models.pretrained import load_pretrained
 
     torch_device = resolve_device(device)
     model = load_model(model_spec, torch_device)

@@ -17,12 +17,13 @@ from scipy.cluster import hierarchy
 
 from smat.analysis.eval_results import check_datasets, parse_alpha, read_eval_csvs
 from smat.analysis.style import ID_COLOUR, OOD_COLOUR, new_figure, paper_style, save_figure
+from smat.evaluation.modes import NO_FINETUNING
 from smat.io import SmatError
 
 
 def mean_alpha(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset (in order of appearance), one column per expert: the mean α over episodes."""
-    plain = results[results["finetune"] == "none"]
+    plain = results[results["finetune"] == NO_FINETUNING]
     models = plain["model_id"].unique()
     if len(models) != 1:
         raise SmatError(f"dendrogram: expected the eval CSVs of one model without fine-tuning, found models "
@@ -43,7 +44,7 @@ def mean_alpha(results: pd.DataFrame) -> pd.DataFrame:
 def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> None:
     results = read_eval_csvs(inputs)
     if id_datasets or ood_datasets:
-        check_datasets(results[results["finetune"] == "none"], id_datasets, ood_datasets, "dendrogram")
+        check_datasets(results[results["finetune"] == NO_FINETUNING], id_datasets, ood_datasets, "dendrogram")
         results = results[results["dataset"].isin([*id_datasets, *ood_datasets])]
     vectors = mean_alpha(results)
     if len(vectors) < 2:

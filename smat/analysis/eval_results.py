@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from smat.evaluation.results import FINETUNE_MODES, check_same_sha256, read_results, recorded_inputs
+from smat.evaluation.modes import FINETUNE_MODES
+from smat.evaluation.results import check_same_sha256, read_results, recorded_inputs
 from smat.evaluation.stats import summarize
 from smat.io import SmatError
 from smat.methods.registry import SWITCH_NAMES

@@ -15,10 +15,10 @@ from smat.io import SmatError
 
 def masks_of_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], float]:
     """(eval-mode masks, τ) of a gated model checkpoint."""
-    from smat.methods.registry import load_trained
+    from smat.methods.checkpoint import load_trained
 
     model, checkpoint = load_trained(path, "cpu")
-    masks = model.expert_masks() if hasattr(model, "expert_masks") else None
+    masks = model.expert_masks()
     if masks is None:
         raise SmatError(f"{path}: a {model.method} model without gates has no expert masks")
     return {name: mask.numpy() for name, mask in masks.items()}, float(checkpoint["config"]["tau"])

@@ -19,9 +19,10 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 
 from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
-from smat.methods.registry import column_rank
+from smat.methods.registry import column_rank, swept_method
 from smat.analysis.style import MARKERS, new_figure, paper_style, save_figure
 from smat.evaluation.stats import propagated_ci
+from smat.evaluation.modes import NO_FINETUNING
 from smat.io import SmatError
 
 # Reference models (Pre, PMF, SoftMerge, ...) are hollow black markers, SMAT models filled by τ.
@@ -46,7 +47,7 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     ood_ci95: √(Σ CI_d²)/k over the k datasets; NaN when a dataset has no CI)."""
     if not id_datasets or not ood_datasets:
         raise SmatError("pareto: needs both --id-datasets and --ood-datasets")
-    plain = results[results["finetune"] == "none"]
+    plain = results[results["finetune"] == NO_FINETUNING]
     if plain.empty:
         raise SmatError("pareto: no rows with finetune 'none' in the given CSVs")
     check_datasets(plain, id_datasets, ood_datasets, "pareto")
@@ -61,8 +62,9 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
         first = group.iloc[0]
         tau = pd.to_numeric(group["tau"], errors="coerce").iloc[0]
         experts = pd.to_numeric(group["experts"], errors="coerce").iloc[0]
-        if first["method"] == "smat" and (np.isnan(tau) or np.isnan(experts)):
-            raise SmatError(f"pareto: SMAT model {model_id!r} has no tau/experts in {first['source']}")
+        if first["method"] == swept_method().name and (np.isnan(tau) or np.isnan(experts)):
+            raise SmatError(f"pareto: {swept_method().display} model {model_id!r} has no tau/experts in "
+                            f"{first['source']}")
         rows.append({"model_id": model_id, "label": first["label"], "method": first["method"], "tau": tau,
                      "experts": experts, "id": np.mean([means[(model_id, d)] for d in id_datasets]),
                      "ood": np.mean([means[(model_id, d)] for d in ood_datasets]),
@@ -73,8 +75,8 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
 
 def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> None:
     points = model_points(read_eval_csvs(inputs), id_datasets, ood_datasets)
-    smat = points[points["method"] == "smat"]
-    others = points[points["method"] != "smat"]
+    smat = points[points["method"] == swept_method().name]      # the sweep's points, a front per |M|
+    others = points[points["method"] != swept_method().name]
     others = others.iloc[np.lexsort((others["label"], others["method"].map(column_rank)))]
     taus, experts = sorted(smat["tau"].unique()), sorted(smat["experts"].unique())
     if len(others) > len(REFERENCE_MARKERS):

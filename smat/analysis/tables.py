@@ -36,9 +36,9 @@ from smat.analysis.eval_results import check_datasets, read_eval_csvs, summarise
 from smat.methods.registry import SWITCH_LABELS, SWITCH_NAMES, column_rank
 from smat.analysis.render import Cell, format_mean_ci, latex, markdown
 from smat.evaluation.stats import propagated_ci
+from smat.evaluation.modes import FINETUNE_MODES, NO_FINETUNING
 from smat.io import SmatError, atomic_path, provenance, sha256_file
 
-FINETUNE_SUFFIX = {"none": "", "full": "+full", "lora": "+LoRA"}
 
 
 def make_table(table: str, eval_paths: Sequence[Path], id_datasets: Sequence[str],
@@ -88,7 +88,7 @@ class Column:
 
     @property
     def name(self) -> str:
-        return self.label + FINETUNE_SUFFIX[self.finetune]
+        return self.label + FINETUNE_MODES[self.finetune].suffix
 
 
 def label_methods(results: pd.DataFrame) -> dict[str, str]:
@@ -106,7 +106,7 @@ def table1_columns(results: pd.DataFrame) -> list[Column]:
     methods = label_methods(results)
     pairs = results[["label", "finetune"]].drop_duplicates().itertuples(index=False)
     columns = [Column(label, finetune, methods[label]) for label, finetune in pairs]
-    return sorted(columns, key=lambda c: (list(FINETUNE_SUFFIX).index(c.finetune), column_rank(c.method),
+    return sorted(columns, key=lambda c: (list(FINETUNE_MODES).index(c.finetune), column_rank(c.method),
                                           c.label))
 
 
@@ -126,7 +126,7 @@ def build_table1(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
         records += [_average_cell(cells[c.name], block, c) for c in columns]
     tidy = pd.DataFrame(records)
     shown = tidy["mean"].round(2)
-    group_best = shown.groupby([tidy["row"], tidy["finetune"].ne("none")]).transform("max")
+    group_best = shown.groupby([tidy["row"], tidy["finetune"].ne(NO_FINETUNING)]).transform("max")
     tidy["best"] = shown.notna() & (shown == group_best)
     return tidy
 
@@ -215,7 +215,7 @@ def episodes_note(tidy: pd.DataFrame, column: str = "column") -> str:
 
 def build_table2(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> pd.DataFrame:
     """One row per label (no fine-tuning): switches, ID, OOD and AVG = mean over all listed datasets (METHOD §6)."""
-    plain = results[results["finetune"] == "none"]
+    plain = results[results["finetune"] == NO_FINETUNING]
     if plain.empty:
         raise SmatError("table2: no rows with finetune 'none' in the given CSVs; Table 2 compares models "
                         "without fine-tuning")
@@ -256,7 +256,7 @@ def table2_files(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     rows = [[Cell(r["label"]), *[Cell("✓" if r[s] else "✗") for s in SWITCH_NAMES],
              *[Cell(format_mean_ci(r[c], math.nan)) for c in ("id", "ood", "avg")]]
             for r in tidy.to_dict("records")]
-    plain = results[(results["finetune"] == "none") & results["dataset"].isin([*id_datasets, *ood_datasets])]
+    plain = results[(results["finetune"] == NO_FINETUNING) & results["dataset"].isin([*id_datasets, *ood_datasets])]
     counts = summarise(plain, by=("label", "dataset")).rename(columns={"dataset": "row"})
     order = {name: i for i, name in enumerate([*tidy["label"], *id_datasets, *ood_datasets])}
     counts = counts.sort_values(["label", "row"], key=lambda names: names.map(order))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from smat.config import load_yaml
+from smat.config_loader import load_yaml
 from smat.io import SmatError
 from smat.methods.registry import METHODS, SWITCH_LABELS, SWITCH_NAMES, display_name, sparsity_and_experts
 

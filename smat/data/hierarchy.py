@@ -11,14 +11,11 @@ be class names. Leaves are resolved against the classes of one split, so each sp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from smat.io import SmatError
-
-if TYPE_CHECKING:
-    from smat.data.store import Store
 
 # Meta-Dataset's MAX_SPANNING_LEAVES_ELIGIBLE: nodes spanning more leaves are too generic to be an episode.
 MAX_SPANNING_LEAVES = 392
@@ -74,9 +71,9 @@ class DagHierarchy:
         return [int(c) for c in leaves]
 
 
-def build_hierarchy(store: Store, class_ids: Sequence[int], min_ways: int
-                    ) -> FlatHierarchy | GroupHierarchy | DagHierarchy:
-    """The hierarchy of `store` restricted to `class_ids` (the classes of one split)."""
+def build_hierarchy(store, class_ids: Sequence[int], min_ways: int) -> FlatHierarchy | GroupHierarchy | DagHierarchy:
+    """The hierarchy of `store` (a `smat.data.store.Store`, which imports this module) restricted to `class_ids`
+    (the classes of one split)."""
     if store.hierarchy == "groups":
         groups: dict[str, list[int]] = {}
         for c in class_ids:

@@ -34,10 +34,10 @@ from smat.device import resolve_device
 from smat.evaluation.batching import CPU_BUDGET, CUDA_MAX_EPISODES, BatchBudget, measure_cuda_budget, plan_batches
 from smat.evaluation.feature_cache import CHUNK, FeatureCache
 from smat.evaluation.finetune import FINETUNE_STEPS, Finetuner, Task
-from smat.evaluation.results import FINETUNE_MODES, write_results
+from smat.evaluation.modes import FINETUNE_MODES, NO_FINETUNING
+from smat.evaluation.results import write_results
 from smat.io import SmatError, check_unchanged, provenance, read_json, sha256_file, stable_hash
-from smat.methods.registry import (PRETRAINED_PREFIX, SWITCH_NAMES, display_name,
-                                   sparsity_and_experts)
+from smat.methods.registry import PRETRAINED_PREFIX, SWITCH_NAMES, display_name, sparsity_and_experts
 from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class EpisodeRunner:
         self.use_cache, self.steps = use_cache, steps
         self.image_size = model.backbone.image_size
         self.transform = test_transform(self.image_size)
-        self.finetuner = Finetuner(model, finetune, steps) if finetune != "none" else None
+        self.finetuner = Finetuner(model, finetune, steps) if finetune != NO_FINETUNING else None
         # Batch bounds by image size, shared by the runners of `on_store` (measured once per size on CUDA).
         self.budgets: dict[int, BatchBudget] = {}
         fixed = budget or (CPU_BUDGET if device.type != "cuda" else None)
@@ -122,7 +122,7 @@ class EpisodeRunner:
 
     def uses_cache(self, lr: float) -> bool:
         """Task-independent features and no fine-tuning (lr 0 is no fine-tuning): embed every image once."""
-        return self.use_cache and self.model.task_independent and (self.finetune == "none" or lr == 0)
+        return self.use_cache and self.model.task_independent and (self.finetune == NO_FINETUNING or lr == 0)
 
     def run(self, episodes: Sequence, indices: Sequence[int], file_seed: int, lr: float,
             progress: bool = True, desc: str = "episodes") -> list[dict[str, Any]]:
@@ -133,7 +133,7 @@ class EpisodeRunner:
                 progress: bool = True, desc: str = "episodes") -> list[list[dict[str, Any]]]:
         """`run` at every lr of `lrs`; the fine-tuning of all (lr, episode) pairs is batched together."""
         indices = list(indices)
-        tuned = [lr for lr in lrs if self.finetune != "none" and lr != 0]
+        tuned = [lr for lr in lrs if self.finetune != NO_FINETUNING and lr != 0]
         rows = self._finetuned(episodes, indices, file_seed, tuned, progress, desc) if tuned else {}
         return [[rows[(lr, i)] for i in range(len(episodes))] if lr in tuned
                 else self._untuned(episodes, indices, file_seed, lr, progress, desc) for lr in lrs]
@@ -276,7 +276,7 @@ def load_model_with_info(model_spec: str, device: torch.device, sha: str | None 
 
     The identity is the file's sha256 taken before loading (`sha`, if the caller hashed it already), checked
     again after loading: the weights loaded are those of the recorded hash."""
-    from smat.methods.registry import load_model, load_trained
+    from smat.methods.checkpoint import load_model, load_trained
 
     path = model_file(model_spec)
     sha = sha or sha256_file(path)
@@ -305,7 +305,7 @@ def resolve_lr(finetune: str, lr: float | None, lr_from: Path | None, dataset: s
     sha256, when given); 0 for none."""
     if lr is not None and lr_from is not None:
         raise SmatError("give either --lr or --lr-from, not both")
-    if finetune == "none":
+    if finetune == NO_FINETUNING:
         if lr is not None or lr_from is not None:
             raise SmatError("--lr/--lr-from need --finetune full or lora; --finetune none does not fine-tune")
         return 0.0
@@ -400,7 +400,7 @@ def check_image_sizes(model, runs: Sequence[DatasetRun]) -> None:
                             f"backbone's {patch}-px patches")
 
 
-def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: str = "none",
+def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: str = NO_FINETUNING,
              lr: float | None = None, lr_from: Path | None = None, label: str | None = None,
              limit: int | None = None, out: Path = Path("eval.csv"), device: str = "auto",
              progress: bool = True) -> dict[str, Any]:
@@ -414,7 +414,7 @@ def evaluate(model_spec: str, episodes_path: Path, store_path: Path, finetune: s
 
 
 def evaluate_many(model_spec: str, episodes_paths: Sequence[Path], store_paths: Sequence[Path],
-                  outs: Sequence[Path], finetune: str = "none", lr: float | None = None,
+                  outs: Sequence[Path], finetune: str = NO_FINETUNING, lr: float | None = None,
                   lr_froms: Sequence[Path] | None = None, label: str | None = None, limit: int | None = None,
                   device: str = "auto", progress: bool = True,
                   image_sizes: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:

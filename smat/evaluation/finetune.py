@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from smat.evaluation.augment import apply_augment, draw_augment
-from smat.evaluation.lora import (LORA_LR_MULTIPLIER, draw_dropout, dropout_generator, init_adapters,
+from smat.evaluation.modes import FINETUNE_MODES, tuned_modes
+from smat.evaluation.lora import (draw_dropout, dropout_generator, init_adapters,
                                   lora_backbone)
 
 # The released SMAT code runs 0 steps by mistake (METHOD §7.2); 50 is the intended count (METHOD §3.5).
@@ -90,17 +91,17 @@ class BatchedAdamW:
 
 
 class Finetuner:
-    """Fine-tunes and scores batches of tasks of one model, in one mode ("full" or "lora").
+    """Fine-tunes and scores batches of tasks of one model, in one tuned mode of `FINETUNE_MODES`.
 
     For LoRA the model's backbone is copied once with LoRA-capable attention projections (`lora_backbone`).
     Pre and PMF have the same task weights for every episode: LoRA then shares one copy of them.
     """
 
     def __init__(self, model, mode: str, steps: int = FINETUNE_STEPS) -> None:
-        if mode not in ("full", "lora"):
-            raise ValueError(f"fine-tuning mode {mode!r}")
-        self.model, self.mode, self.steps = model, mode, steps
-        self.backbone, self.lora_layers = (lora_backbone(model.backbone) if mode == "lora"
+        if mode not in tuned_modes():
+            raise ValueError(f"fine-tuning mode {mode!r}: expected one of {', '.join(tuned_modes())}")
+        self.model, self.mode, self.steps = model, FINETUNE_MODES[mode], steps
+        self.backbone, self.lora_layers = (lora_backbone(model.backbone) if self.mode.trains == "lora"
                                            else (copy.deepcopy(model.backbone).requires_grad_(False), []))
         for module in self.backbone.modules():
             if hasattr(module, "fused_attn"):   # vmap has no batching rule for fused attention on the CPU
@@ -117,7 +118,7 @@ class Finetuner:
         query_x, _ = pad([t.episode.query_x for t in tasks])
         trainable, fixed, shared = self._tensors(tasks)
         lrs = torch.tensor([t.lr for t in tasks], device=support_x.device, dtype=support_x.dtype)
-        optimizer = BatchedAdamW(list(trainable.values()), lrs * (LORA_LR_MULTIPLIER if self.mode == "lora" else 1))
+        optimizer = BatchedAdamW(list(trainable.values()), lrs * self.mode.lr_multiplier)
         dropout = [dropout_generator(t.generator, support_x.device) for t in tasks] if self.lora_layers else []
         for _ in range(self.steps):
             loss = self._support_loss(tasks, trainable, fixed, shared, support_x, dropout)
@@ -134,7 +135,7 @@ class Finetuner:
         """(trainable per-episode tensors, fixed per-episode tensors, tensors shared by all episodes)."""
         names = list(tasks[0].weights)
         stack = lambda name: torch.stack([t.weights[name] for t in tasks])  # noqa: E731
-        if self.mode == "full":
+        if self.mode.trains == "backbone":
             return {f"vit.{n}": stack(n).requires_grad_(True) for n in names}, {}, {}
         if self.model.task_independent:     # Pre, PMF: one set of weights for every episode
             fixed, shared = {}, {f"vit.{n}": tasks[0].weights[n].clone() for n in names}   # a normal tensor

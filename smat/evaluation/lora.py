@@ -21,9 +21,6 @@ from smat.io import SmatError
 LORA_RANK = 8
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.1
-# SMAT and Pre+LoRA train the adapters at 10 × the searched lr (METHOD §3.5). The released pmf-lora baseline
-# has no ×10; here every method uses ×10, which only shifts where the lr search lands on its grid.
-LORA_LR_MULTIPLIER = 10.0
 TARGETS = ("q", "v")          # which thirds of the fused projection are adapted
 
 

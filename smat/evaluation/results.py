@@ -15,7 +15,6 @@ from typing import Any, Sequence
 from smat.evaluation.stats import summarize
 from smat.io import SmatError, atomic_open, folder_lock, read_json, sha256_file, write_json
 
-FINETUNE_MODES = ("none", "full", "lora")   # without, full and LoRA test-time fine-tuning (METHOD §3.5)
 EVAL_COLUMNS = (
     "label", "model_id", "method", "mls", "meta", "dt", "ie", "tau", "experts", "dataset", "finetune",
     "episode", "ways", "support_size", "query_size", "accuracy", "loss", "lr", "seconds", "alpha",

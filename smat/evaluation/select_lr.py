@@ -16,6 +16,7 @@ from typing import Sequence
 from smat.device import resolve_device
 from smat.evaluation.evaluate import (DatasetRun, EpisodeRunner, check_image_sizes, input_hashes,
                                       load_model_with_info, model_file, read_datasets)
+from smat.evaluation.modes import tuned_modes
 from smat.io import SmatError, provenance, write_json
 from smat.methods.registry import display_name
 
@@ -73,8 +74,8 @@ def select_lr_many(model_spec: str, episodes_paths: Sequence[Path], store_paths:
     `grids` holds one grid for every dataset, or one per dataset in the same order (None: DEFAULT_GRID).
     Every input is checked before the model is loaded. Returns the best lrs, in the same order.
     """
-    if finetune not in ("full", "lora"):
-        raise SmatError(f"--finetune {finetune!r}: the lr search is for full or lora fine-tuning")
+    if finetune not in tuned_modes():
+        raise SmatError(f"--finetune {finetune!r}: the lr search is for {' or '.join(tuned_modes())} fine-tuning")
     if len(grids) not in (1, len(episodes_paths)):
         raise SmatError(f"--grid: given {len(grids)} times for {len(episodes_paths)} --episodes; give it once "
                         f"(for every dataset) or once per dataset, in the same order")

@@ -85,6 +85,18 @@ class FewShotModel(nn.Module):
         """(SGD groups, AdamW groups) of meta-training, from the `OptimConfig` `optim`."""
         raise NotImplementedError
 
+    def expert_masks(self) -> dict[str, Tensor] | None:
+        """Eval-mode gate > 0 per backbone tensor, bool (M, *shape), for a model with expert gates; else None."""
+        return None
+
+    def replay_task_state_(self) -> None:
+        """Apply what one training task changes in the model besides gradients, without running it (METHOD §11);
+        nothing by default."""
+
+    def configure_training(self, optim) -> None:
+        """Trainer settings of the `OptimConfig` `optim` that change what a training task computes; none by
+        default (a loaded model is built from its `ModelConfig` alone)."""
+
     def end_update_(self, alpha: list[float], lrs: dict[str, float]) -> None:
         """What a method does after each optimiser step, given the update's mean α and the SGD groups' learning
         rates; nothing by default."""

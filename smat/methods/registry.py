@@ -1,9 +1,9 @@
 """The methods, as one table that configs, training, evaluation, tables and figures read.
 
 A method is a `FewShotModel` subclass in its own module plus one `Method` entry in `METHODS`; the entry
-order is the paper's column order (Table 1). Adding a method touches that module, this table and its tests
-(docs/ARCHITECTURE.md). `build_model` makes a fresh model from a training config; `load_model(spec)` loads
-a `smat train` checkpoint (`MODEL_DIR/best.pt`) or `pretrained:FILE` for Pre.
+order is the paper's column order (Table 1). Adding a method touches that module and this table
+(docs/ARCHITECTURE.md). `build_model` makes a fresh model from a `ModelConfig`; `smat.methods.checkpoint`
+loads saved ones.
 
 This module imports no torch at load time, so light commands (tables, figures, configs) stay fast.
 """
@@ -11,18 +11,16 @@ This module imports no torch at load time, so light commands (tables, figures, c
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from smat.methods.base import FewShotModel
-    from smat.training.config import TrainConfig
 
-PRETRAINED_PREFIX = "pretrained:"
+PRETRAINED_PREFIX = "pretrained:"   # `--model pretrained:FILE`: Pre, the θ_pre file itself
 
 
 @dataclass
@@ -44,27 +42,83 @@ class Method:
     display: str                # its name in tables, figures and progress bars
     model_class: str            # "module:Class" of its FewShotModel
     switches: Switches | None   # its Table 2 switches by default; None: not meta-trained (Pre)
-    ablatable: bool = False     # may a config change its switches (the Table 2 rows are SMAT ablations)?
+    ablatable: bool = False     # may a config change its switches?
+    # Settings that tell its models apart: they are its section of the workflow config's `models`, its model
+    # ids (`smat/tau~0.9/experts~8/seed~0`) and, with their labels, the names of the sweep's points.
+    id_settings: tuple[tuple[str, str], ...] = ()
+    swept: bool = False         # the τ/|M| sweep (config `models.sweep`) varies this method's id settings
+    table2_row: int | None = None           # Table 2 row of its main model (METHOD §2.2)
+    ablations: dict[int, dict[str, Any]] = field(default_factory=dict)   # Table 2 rows that switch it
+    release_formats: tuple[str, ...] = ()   # the `smat import` formats that hold a model of this method
+    check_switches: Callable[[Switches, int], None] | None = None   # rules on its resolved switches and M
 
     @property
     def trained(self) -> bool:
         return self.switches is not None
+
+    @property
+    def gated(self) -> bool:
+        """Do its models have expert gates (masks, capacity, expert similarity)?"""
+        return bool(self.switches and self.switches.mls)
 
     def load_class(self) -> type:
         module, name = self.model_class.split(":")
         return getattr(importlib.import_module(module), name)
 
 
-# SMAT is Table 2 row 1 and PMF row 6; SoftMerge is dense experts with plain query CE (METHOD §2.1).
+def _softmerge_switches(resolved: Switches, experts: int) -> None:
+    if resolved.mls or not resolved.ie:
+        raise ValueError("softmerge: switches.mls must be false and switches.ie true (dense experts "
+                         "merged by the router); for a single dense delta use method smat with mls/ie false")
+
+
+def _smat_switches(resolved: Switches, experts: int) -> None:
+    if not resolved.mls and resolved.ie:
+        raise ValueError("switches mls=false with ie=true is not a Table 2 row (experts need gates); "
+                         "set ie=false too for a dense delta, or method: softmerge for dense experts")
+    if not resolved.ie and experts != 1:
+        raise ValueError(f"switches.ie=false means a single expert with alpha = 1: set experts: 1 "
+                         f"(got experts={experts})")
+
+
+# SMAT is Table 2 row 1 and PMF row 6; rows 2-5 switch one component of SMAT off (METHOD §2.2). SoftMerge is
+# dense experts with plain query CE (METHOD §2.1).
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pre", "Pre", "smat.methods.pre:Pre", switches=None),
-    Method("pmf", "PMF", "smat.methods.pmf:PMF", Switches(mls=False, meta=False, dt=False, ie=False)),
+    Method("pmf", "PMF", "smat.methods.pmf:PMF", Switches(mls=False, meta=False, dt=False, ie=False),
+           table2_row=6, release_formats=("pmf",)),
     Method("softmerge", "SoftMerge", "smat.methods.softmerge:SoftMerge",
-           Switches(mls=False, meta=True, dt=False, ie=True), ablatable=True),
+           Switches(mls=False, meta=True, dt=False, ie=True), ablatable=True, id_settings=(("experts", "M"),),
+           check_switches=_softmerge_switches),
     Method("smat", "SMAT", "smat.methods.smat:SMAT", Switches(mls=True, meta=True, dt=True, ie=True),
-           ablatable=True),
+           ablatable=True, id_settings=(("tau", "tau"), ("experts", "M")), swept=True, table2_row=1,
+           ablations={2: {"switches.dt": False},
+                      3: {"switches.ie": False, "experts": 1},
+                      4: {"switches.meta": False},
+                      5: {"switches.mls": False, "switches.ie": False, "experts": 1}},
+           release_formats=("smat-official",), check_switches=_smat_switches),
 )}
-TRAINED_METHODS = tuple(name for name, method in METHODS.items() if method.trained)
+
+
+def trained_methods() -> tuple[str, ...]:
+    """The meta-trained methods, in column order (read when asked: a method may be registered at run time)."""
+    return tuple(name for name, method in METHODS.items() if method.trained)
+
+
+def swept_method() -> Method:
+    """The method whose settings the τ/|M| sweep varies (Fig. 3, the Pareto front)."""
+    (method,) = [m for m in METHODS.values() if m.swept]
+    return method
+
+
+def table2_method(row: int) -> Method:
+    (method,) = [m for m in METHODS.values() if m.table2_row == row]
+    return method
+
+
+def method_of_release(release_format: str) -> Method:
+    (method,) = [m for m in METHODS.values() if release_format in m.release_formats]
+    return method
 
 
 def display_name(method: str | None) -> str:
@@ -91,57 +145,21 @@ def sparsity_and_experts(config: dict) -> tuple[float | None, int | None]:
 
 def resolve_switches(method: str, switches: Switches, experts: int) -> Switches:
     """Fill unset switches with the method's defaults and reject combinations that define no model."""
-    if method not in TRAINED_METHODS:
-        raise ValueError(f"method {method!r}: not a meta-trained method; known: {', '.join(TRAINED_METHODS)}")
+    if method not in trained_methods():
+        known = ", ".join(repr(m) for m in trained_methods())
+        raise ValueError(f"method {method!r} is not one of {known} (the meta-trained methods)")
     default = METHODS[method].switches
     resolved = Switches(**{name: getattr(default, name) if getattr(switches, name) is None
                            else getattr(switches, name) for name in SWITCH_NAMES})
     if not METHODS[method].ablatable and resolved != default:
         raise ValueError(f"switches {switches.__dict__}: {METHODS[method].display} has no ablation switches; "
                          f"leave them unset")
-    if method == "softmerge" and (resolved.mls or not resolved.ie):
-        raise ValueError("softmerge: switches.mls must be false and switches.ie true (dense experts "
-                         "merged by the router); for a single dense delta use method smat with mls/ie false")
-    if method == "smat":
-        if not resolved.mls and resolved.ie:
-            raise ValueError("switches mls=false with ie=true is not a Table 2 row (experts need gates); "
-                             "set ie=false too for a dense delta, or method: softmerge for dense experts")
-        if not resolved.ie and experts != 1:
-            raise ValueError(f"switches.ie=false means a single expert with alpha = 1: set experts: 1 "
-                             f"(got experts={experts})")
+    if METHODS[method].check_switches:
+        METHODS[method].check_switches(resolved, experts)
     return resolved
 
 
-def build_model(config: "TrainConfig", backbone: "nn.Module") -> "FewShotModel":
-    """A freshly initialised model of `config.method` around `backbone` (whose weights become θ_pre)."""
+def build_model(config, backbone: "nn.Module") -> "FewShotModel":
+    """A freshly initialised model of `config.method` (a `smat.methods.config.ModelConfig`) around `backbone`
+    (whose weights become θ_pre)."""
     return METHODS[config.method].load_class().from_config(backbone, config)
-
-
-def load_model(spec: str, device: "torch.device | str") -> "FewShotModel":
-    """The model in eval mode on `device`: a `smat train` checkpoint, or `pretrained:FILE` for Pre."""
-    if spec.startswith(PRETRAINED_PREFIX):
-        from smat.models.checkpoint import load_pretrained
-
-        backbone, _ = load_pretrained(Path(spec[len(PRETRAINED_PREFIX):]))
-        return METHODS["pre"].load_class()(backbone).to(device).eval()
-    return load_trained(Path(spec), device)[0]
-
-
-def load_trained(path: Path, device: "torch.device | str") -> "tuple[FewShotModel, dict]":
-    """(model in eval mode on `device`, checkpoint record) of a `smat train` or `smat import` checkpoint, read once.
-
-    Imported checkpoints describe their architecture in `backbone.spec` (smat.models.official). For models
-    trained here the stored θ_pre position table gives the grid: a table at its pre-trained grid (DINO's 14x14
-    for a 128-px run) is resampled per forward, as `load_pretrained` built it (METHOD §1.1)."""
-    from smat.models.backbones import create_backbone
-    from smat.models.checkpoint import table_grid
-    from smat.training.checkpointing import read_model_checkpoint
-
-    checkpoint, config = read_model_checkpoint(path)
-    record = checkpoint["backbone"]
-    grid = table_grid(checkpoint["state_dict"].get("backbone.vit.pos_embed"))    # None: load_state_dict names it
-    backbone = create_backbone(record["arch"], record["image_size"], dynamic_img_size=True, spec=record.get("spec"),
-                               grid=grid)
-    model = build_model(config, backbone)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), checkpoint

@@ -58,8 +58,7 @@ class SMAT(FewShotModel):
 
     def __init__(self, backbone: nn.Module, experts: nn.Module, router: Router | None, *, tau: float,
                  inner_lr: float, meta: bool, distill: bool, teacher_lr: float, kd_weight: float,
-                 kd_temperature: float, temperature: tuple[float, float, float], logit_l2: float,
-                 constraint_substeps: int = 1) -> None:
+                 kd_temperature: float, temperature: tuple[float, float, float], logit_l2: float) -> None:
         super().__init__(backbone, CosineHead(learnable=False))
         self.backbone.requires_grad_(False)             # θ_pre stays frozen (METHOD §1.1)
         self.experts = experts
@@ -74,7 +73,7 @@ class SMAT(FewShotModel):
         self.kd_temperature = kd_temperature
         self.temperature_schedule = temperature
         self.logit_l2 = logit_l2
-        self.constraint_substeps = constraint_substeps
+        self.constraint_substeps = 1                    # the paper's: the L0 path in the task loss
 
     @classmethod
     def from_config(cls, backbone: nn.Module, config) -> "SMAT":
@@ -95,7 +94,7 @@ class SMAT(FewShotModel):
                    distill=switches.dt, teacher_lr=config.teacher.lr, kd_weight=config.teacher.kd_weight,
                    kd_temperature=config.teacher.temperature,
                    temperature=(r.temperature_start, r.temperature_min, r.temperature_decay_tasks),
-                   logit_l2=r.logit_l2, constraint_substeps=config.optim.constraint_substeps)
+                   logit_l2=r.logit_l2)
 
     @staticmethod
     def dense_experts(layout: ParamLayout, experts: int) -> nn.Module:
@@ -209,6 +208,9 @@ class SMAT(FewShotModel):
             loss = loss + self.logit_l2 * logits.pow(2).mean()
         metrics["loss"] = loss.item()
         return TaskOutput(loss, metrics, weights)
+
+    def configure_training(self, optim) -> None:
+        self.constraint_substeps = optim.constraint_substeps     # METHOD §1.13
 
     def end_update_(self, alpha: list[float], lrs: dict[str, float]) -> None:
         """After the optimiser step: the sparsity constraint's update in `constraint_substeps` parts (METHOD §1.13),

@@ -2,9 +2,9 @@
 
 `BACKBONES` is the registry, as data: the timm architecture each name builds, its size arguments, the
 default input size, and where its pre-trained weights come from. `create_backbone(name)` builds one with
-random weights; `smat.models.checkpoint.load_pretrained` fills it from a normalised checkpoint.
+random weights; `smat.models.pretrained.load_pretrained` fills it from a normalised checkpoint.
 
-Checkpoints imported from the authors' code (`smat.models.official`) carry their own architecture `spec`
+Checkpoints imported from the authors' code (`smat.releases.official`) carry their own architecture `spec`
 instead (`create_backbone(name, image_size, spec=...)`): the sizes, the LayerNorm eps of the code that
 trained them, and a position table kept at its trained grid and resampled on every forward the authors'
 way (METHOD §10). Pre-trained weights whose position grid differs from the run's input size (DINO's 14x14
@@ -130,7 +130,7 @@ def create_backbone(name: str, image_size: int | None = None, *, patch_drop_rate
     return Backbone(name, vit, image_size)
 
 
-# The architecture record of an imported checkpoint (smat.models.official), or of a registry backbone kept at
+# The architecture record of an imported checkpoint (smat.releases.official), or of a registry backbone kept at
 # its weights' grid (`registry_arch_spec`): sizes, the position grid the table was trained at, the LayerNorm
 # eps, and how the table meets other input sizes.
 ARCH_SPEC_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "grid", "norm_eps", "pos_embed")

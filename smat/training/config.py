@@ -1,72 +1,18 @@
-"""`TrainConfig`: every setting of meta-training, with the paper's ViT-S defaults (METHOD §1.10, §8).
+"""`TrainConfig`: every setting of meta-training, with the paper's ViT-S defaults (METHOD §1.10, §8): the model's
+(`smat.methods.config.ModelConfig`, which it extends) and the trainer's (optimisers, schedule, episodes,
+validation, checkpoints, precision, seed). One flat YAML holds both.
 
-Built strictly from YAML (`smat.config.load_config`): unknown keys and wrong types are errors. The method's
-ablation switches are resolved here once (`resolve_switches`), so the saved config says exactly what ran.
+Built strictly from YAML (`smat.config_loader.load_config`): unknown keys and wrong types are errors.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from smat.config import check_ranges
+from smat.config_loader import check_ranges
 from smat.data.episodes import SamplerConfig
-from smat.methods.registry import TRAINED_METHODS, Switches, resolve_switches
-
-MethodName = Literal[TRAINED_METHODS]
-
-
-@dataclass
-class GateConfig:
-    """Hard-concrete gates (METHOD §1.3)."""
-    beta: float = 2 / 3                 # temperature in training; 1 at eval
-    zeta: float = 1.1
-    gamma: float = -0.1
-    noise_width: float = 1e-6           # training noise u ~ U(0.5 ± noise_width); 0.5 = the full U(0, 1)
-    init_mean: float = 0.0
-    init_std: float = 0.5
-    log_alpha_min: float = math.log(0.01)
-    log_alpha_max: float = math.log(100.0)
-
-    def __post_init__(self) -> None:
-        check_ranges(self, positive=("beta", "init_std"))
-        if not (self.gamma < 0 < 1 < self.zeta):
-            raise ValueError(f"gamma={self.gamma}, zeta={self.zeta}: the stretch needs gamma < 0 and zeta > 1")
-        if not self.log_alpha_min < self.log_alpha_max:
-            raise ValueError(f"log_alpha_min={self.log_alpha_min} must be below log_alpha_max={self.log_alpha_max}")
-
-
-@dataclass
-class RouterConfig:
-    """Expert-selection hypernetwork (METHOD §1.4)."""
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    skill_tokens: int = 4
-    skill_init_std: float = 1e-3
-    temperature_start: float = 5.0      # T = max(temperature_min, temperature_start - n / temperature_decay_tasks)
-    temperature_min: float = 0.5
-    temperature_decay_tasks: float = 4000.0
-    logit_l2: float = 1e-4              # weight of mean(logits²)
-
-    def __post_init__(self) -> None:
-        check_ranges(self, positive=("heads", "mlp_ratio", "skill_tokens", "temperature_min",
-                                     "temperature_decay_tasks"),
-                     non_negative=("skill_init_std", "logit_l2"))
-        if self.temperature_start < self.temperature_min:
-            raise ValueError(f"temperature_start={self.temperature_start} is below temperature_min="
-                             f"{self.temperature_min}")
-
-
-@dataclass
-class TeacherConfig:
-    """Dense teacher and distillation (METHOD §1.8)."""
-    lr: float = 5e-3                    # the teacher's one SGD step on the query CE
-    kd_weight: float = 0.25             # loss = (1 - kd_weight) CE + kd_weight (KD_dense + KD_pre) / 2 · T²
-    temperature: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_ranges(self, positive=("lr", "temperature"), fraction=("kd_weight",))
+from smat.methods.config import ModelConfig
 
 
 @dataclass
@@ -137,16 +83,7 @@ class GradAlignmentConfig:
 
 
 @dataclass
-class TrainConfig:
-    method: MethodName = "smat"
-    image_size: int | None = None       # null: the input size of the backbone (`smat train --pretrained`)
-    experts: int = 8                    # M
-    tau: float = 0.9                    # target sparsity per expert (fraction of zero gates)
-    switches: Switches = field(default_factory=Switches)
-    gates: GateConfig = field(default_factory=GateConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    inner_lr: float = 1e-3              # one first-order SGD step on the support (METHOD §1.7)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+class TrainConfig(ModelConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     epochs: int = 25
@@ -166,21 +103,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tau < 1.0:
-            raise ValueError(f"tau={self.tau}: the target sparsity must be in [0, 1)")
-        if self.experts < 1:
-            raise ValueError(f"experts={self.experts}: need at least one expert")
+        super().__post_init__()
         for name in ("epochs", "tasks_per_epoch", "meta_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        if not 0.0 < self.gates.noise_width <= 0.5:
-            raise ValueError(f"gates.noise_width={self.gates.noise_width}: must be in (0, 0.5]")
-        check_ranges(self, positive=("image_size",), non_negative=("inner_lr",), seeds=("seed",))
+        check_ranges(self, seeds=("seed",))
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={list(self.crop_scale)}: expected 0 < low <= high <= 1")
         if isinstance(self.amp, bool):
             self.amp = "fp16" if self.amp else "off"
         if self.amp not in ("fp16", "bf16", "off"):
             raise ValueError(f"amp={self.amp!r}: must be fp16, bf16 or off")
-        self.switches = resolve_switches(self.method, self.switches, self.experts)
-

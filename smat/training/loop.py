@@ -7,11 +7,14 @@ on fixed val episodes (sampled once per domain from its val classes with the tra
 a seed independent of the training seed; eval mode, no inner step, test transform) and `best.pt` (best
 mean val accuracy) and `last.pt` are written.
 
-Outputs in OUT: `config.yaml` (resolved config), `val_episodes/{domain}.json`, `train_log.jsonl` (one
-record per meta-update, per validation, per gradient-alignment measurement; accuracies in %), `best.pt`,
-`last.pt`, `expert_masks.npz` (SMAT with gates), and `DONE` (a JSON summary) once everything is written.
-`resume.pt` holds the periodic resume state; after `kill -9` the same command continues from it and ends
-with the same numbers as an uninterrupted run. A finished run re-invoked does nothing.
+Products in OUT: `best.pt`, `train_log.jsonl` (one record per meta-update, per validation, per
+gradient-alignment measurement; accuracies in %) and `expert_masks.npz` (SMAT with gates). During training they
+are written under temporary names (`best.partial.pt`, `train_log.partial.jsonl`) and all of them are renamed to
+their final names at the very end, `best.pt` last, so that a directory holding every final file holds a
+finished model (`FINAL_FILES`). Besides them: `config.yaml` (resolved config), `val_episodes/{domain}.json`,
+`summary.json` (run id, method, final progress and warnings; written just before the renames), `last.pt`, and
+`resume.pt`, the periodic resume state (deleted at the end); after `kill -9` the same command continues from it
+and ends with the same numbers as an uninterrupted run. A finished run re-invoked does nothing.
 
 Under `torchrun --nproc-per-node N` the B tasks of a meta-batch are split over N processes whose gradients
 are summed before the step (`smat.training.distributed`); every task draws its randomness from seeds of
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 
-from smat.config import load_config, to_dict
+from smat.config_loader import load_config, to_dict
 from smat.data.episodes import load_episode_file, make_sampler, write_episode_file
 from smat.data.loader import EpisodeTensors, load_episode
 from smat.data.store import Store
@@ -42,13 +45,13 @@ from smat.device import autocast, grad_scaler, set_matmul_precision
 from smat.io import SmatError, atomic_open, read_json, sha256_file, stable_hash, write_json
 from smat.methods.base import FewShotModel
 from smat.methods.registry import build_model
-from smat.models.checkpoint import load_pretrained
+from smat.models.pretrained import load_pretrained
 from smat.progress import progress_bar
 from smat.training import distributed
-from smat.training.checkpointing import (load_resume, restore_rng_state, rng_state, save_model_checkpoint,
-                                         save_resume)
+from smat.methods.checkpoint import save_model_checkpoint
+from smat.training.resume import load_resume, restore_rng_state, rng_state, save_resume
 from smat.training.config import TrainConfig
-from smat.training.grad_alignment import gradient_alignment
+from smat.training.alignment_probe import gradient_alignment
 from smat.training.optim import build_optimisers, set_epoch_lr, step
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,13 @@ def episode_accuracy(model: FewShotModel, episode: EpisodeTensors) -> float:
                                model.features(weights, episode.query_x), episode.n_way)
     return 100.0 * (logits.argmax(-1) == episode.query_y).float().mean().item()
 
+
+# The products of `smat train` (the outputs the workflow declares), in the order they are given their final names
+# at the end: best.pt last. During training each is written under its temporary name; expert_masks.npz is a
+# product of models with gates only.
+FINAL_FILES = ("expert_masks.npz", "train_log.jsonl", "best.pt")
+PARTIAL = {"expert_masks.npz": "expert_masks.partial.npz", "train_log.jsonl": "train_log.partial.jsonl",
+           "best.pt": "best.partial.pt"}
 
 # How far above τ every expert must be, with λ at 0 for a whole epoch, for `smat train` to warn of collapsed gates.
 GATE_OVERSHOOT = 0.05
@@ -155,10 +165,9 @@ class Trainer:
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.model = build_model(config, backbone).to(device)
+        self.model.configure_training(config.optim)
         self.optimisers = build_optimisers(self.model, config.optim)
         self.trained = [p for opt in self.optimisers.all() for group in opt.param_groups for p in group["params"]]
-        # What a task changes besides gradients (SMAT: spectral-norm vectors, λ); PMF's tasks change nothing.
-        self.replay_task = getattr(self.model, "replay_task_state_", lambda: None)
         if config.compile:
             if device.type != "cuda":
                 raise SmatError(f"compile=true: torch.compile of the backbone is for CUDA only (on {device.type} "
@@ -177,20 +186,32 @@ class Trainer:
         self.log_file = None
         self.last_sparsity: list[float] = []          # realised sparsity per expert at the latest meta-update
         self.paths = {name: out / name for name in
-                      ("config.yaml", "train_log.jsonl", "resume.pt", "best.pt", "last.pt", "expert_masks.npz",
-                       "DONE")}
+                      ("config.yaml", "resume.pt", "last.pt", "summary.json", *FINAL_FILES, *PARTIAL.values())}
+        # Final file -> the file training writes it to: every product of this model's method.
+        self.products = {name: self.paths[PARTIAL[name]] for name in FINAL_FILES
+                         if name != "expert_masks.npz" or self._has_gates()}
+
+    def _has_gates(self) -> bool:
+        return self.model.expert_masks() is not None
+
+    def finished(self) -> bool:
+        """OUT holds a finished model: every final file of this model's method is there."""
+        return all(self.paths[name].exists() for name in self.products)
 
     # --- run ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        done = self.paths["DONE"]
-        if done.exists():
-            if read_json(done).get("run_id") != self.run_id:
+        if self.finished():
+            summary = self.paths["summary.json"]
+            if not summary.exists():
+                raise SmatError(f"{self.out}: holds a finished model ({', '.join(self.products)}) but no summary.json "
+                                "to tell which run made it; use another --out, or delete the directory to retrain")
+            if read_json(summary).get("run_id") != self.run_id:
                 raise SmatError(f"{self.out}: holds a finished run with a different config, data or backbone; "
                                 "use another --out, or delete the directory to retrain")
-            self._info("%s: already trained (DONE exists); nothing to do", self.out)
+            self._info("%s: already trained (%s exist); nothing to do", self.out, ", ".join(self.products))
             return
-        if self.paths["resume.pt"].exists():
+        if self._resumable():
             self._restore()
         else:
             self._start()
@@ -239,7 +260,7 @@ class Trainer:
             augment_seed, forward_seed = task_seeds(c.seed, task)
             if offset not in mine:
                 with seeded_global_rng(forward_seed, self.device), autocast(self.device, self.amp):
-                    self.replay_task()
+                    self.model.replay_task_state_()
                 continue
             augment = torch.Generator(device=self.device).manual_seed(augment_seed)
             tensors = load_episode(self.stores[domain], episode, self.train_transform, augment).to(self.device)
@@ -292,7 +313,7 @@ class Trainer:
         ga, n, b = self.config.grad_alignment, self.progress["tasks_seen"], self.config.meta_batch
         if not ga.interval or n // ga.interval == (n - b) // ga.interval or not self.main:
             return                  # rank 0 alone: the analysis only writes log records and changes nothing
-        # Its own generators, so that the training run does not depend on the analysis (see grad_alignment.py).
+        # Its own generators, so that the training run does not depend on the analysis (see alignment_probe.py).
         rng = np.random.default_rng([self.config.seed, n])
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + n)
         domains = rng.permutation(len(self.stores))[:ga.max_domains]
@@ -327,7 +348,7 @@ class Trainer:
             self.progress["val_acc"] = acc
             if self.progress["best_val_acc"] is None or acc > self.progress["best_val_acc"]:
                 self.progress.update(best_val_acc=acc, best_epoch=epoch)
-                self._save_model(self.paths["best.pt"])
+                self._save_model(self.paths["best.partial.pt"])
         self._save_model(self.paths["last.pt"])
         self.progress.update(epoch=epoch + 1, task_in_epoch=0)
 
@@ -355,12 +376,17 @@ class Trainer:
         if not self.main:
             return
         if self.progress["best_epoch"] is None:         # no validation: the last model is the selected one
-            self._save_model(self.paths["best.pt"])
-        masks = self.model.expert_masks() if hasattr(self.model, "expert_masks") else None
-        if masks is not None:
-            with atomic_open(self.paths["expert_masks.npz"], "wb") as handle:
+            self._save_model(self.paths["best.partial.pt"])
+        if self._has_gates():
+            masks = self.model.expert_masks()
+            with atomic_open(self.paths["expert_masks.partial.npz"], "wb") as handle:
                 np.savez_compressed(handle, **{name: m.cpu().numpy() for name, m in masks.items()})
-        write_json(self.paths["DONE"], {"run_id": self.run_id, "method": self.config.method, **self.progress})
+        write_json(self.paths["summary.json"],
+                   {"run_id": self.run_id, "method": self.config.method, **self.progress})
+        # Every product is complete: rename each to its final name (atomic), best.pt last; only then does the
+        # directory count as finished (`finished`), and only then is the resume state dropped.
+        for name, partial in self.products.items():
+            partial.replace(self.paths[name])
         self.paths["resume.pt"].unlink(missing_ok=True)
         self._info("%s: done; best mean val accuracy %s at epoch %s", self.out, self.progress["best_val_acc"],
                    self.progress["best_epoch"])
@@ -380,7 +406,7 @@ class Trainer:
         if self.config.validation.episodes:
             for store in self.stores:
                 write_val_episodes(store, self.config, self._val_path(store))
-        self.paths["train_log.jsonl"].write_text("", encoding="utf-8")
+        self.paths["train_log.partial.jsonl"].write_text("", encoding="utf-8")
 
     def _val_path(self, store: Store) -> Path:
         return self.out / "val_episodes" / f"{store.domain}.json"
@@ -396,7 +422,7 @@ class Trainer:
         if not self.main:
             yield
             return
-        with open(self.paths["train_log.jsonl"], "a", encoding="utf-8") as self.log_file:
+        with open(self.paths["train_log.partial.jsonl"], "a", encoding="utf-8") as self.log_file:
             yield
         self.log_file = None
 
@@ -406,8 +432,8 @@ class Trainer:
         try:        # strict JSON: a non-finite number would write the non-standard token NaN or Infinity
             line = json.dumps(record, allow_nan=False)
         except ValueError as err:
-            raise SmatError(f"{self.paths['train_log.jsonl']}: a {record.get('kind')} record holds a non-finite "
-                            f"number ({err}); training stopped") from err
+            raise SmatError(f"{self.paths['train_log.partial.jsonl']}: a {record.get('kind')} record holds a "
+                            f"non-finite number ({err}); training stopped") from err
         self.log_file.write(line + "\n")
         self.log_file.flush()
         self.log_offset = self.log_file.tell()
@@ -429,6 +455,22 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rng_state(self.sampler_rng),
             "progress": dict(self.progress), "log_offset": self.log_offset})
 
+    def _resumable(self) -> bool:
+        """A resume state with its training log. A run cut off while renaming its products takes back the ones
+        already renamed; one whose log went with them (Snakemake deletes a failed job's outputs) starts over."""
+        if not self.paths["resume.pt"].exists():
+            return False
+        if self.main:
+            for name, partial in self.products.items():
+                if self.paths[name].exists() and not partial.exists():
+                    self.paths[name].replace(partial)
+        distributed.barrier()
+        if self.paths["train_log.partial.jsonl"].exists():
+            return True
+        self._info("%s: %s has no training log to continue (train_log.partial.jsonl); starting over", self.out,
+                   self.paths["resume.pt"])
+        return False
+
     def _restore(self) -> None:
         state = load_resume(self.paths["resume.pt"])
         if state["run_id"] != self.run_id:
@@ -441,7 +483,7 @@ class Trainer:
         self.progress = state["progress"]
         self.log_offset = state["log_offset"]
         if self.main:
-            with open(self.paths["train_log.jsonl"], "r+b") as handle:     # drop records written after the save
+            with open(self.paths["train_log.partial.jsonl"], "r+b") as handle:  # drop records written after the save
                 handle.truncate(self.log_offset)
         self._info("%s: resuming at task %d (epoch %d)", self.out, self.progress["tasks_seen"],
                    self.progress["epoch"])

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smat.training.config import OptimConfig, RouterConfig, ScheduleConfig
+from smat.methods.config import RouterConfig
+from smat.training.config import OptimConfig, ScheduleConfig
 from smat.training.optim import lr_multiplier
 
 

@@ -1,10 +1,8 @@
 # Update anatomy (METHOD §5.6): per model, where its departure from θ_pre lies and what each tensor group of it
-# is worth on the test episodes; then one table and one figure over PMF, SoftMerge, SMAT and the τ sweep.
+# is worth on the test episodes; then one table over the trained methods' main models and the τ sweep (its figure: figures.smk).
 # Part of `all` (all_figures), not of all_tables: it is an analysis, as the figures are.
 
-ANATOMY_IDS = [FIGURE_IDS[m] for m in ("pmf", "softmerge", "smat")] + [
-    m for m in FIGURE_SWEEP_IDS if m != FIGURE_IDS["smat"]
-]
+ANATOMY_IDS = FIGURE_MODELS["anatomy"]  # the trained methods' main models and the sweep's other points
 ANATOMY_ROLES = " ".join(DATASETS[d]["role"] for d in EVAL_DATASETS)
 
 
@@ -42,24 +40,6 @@ rule anatomy:
         "smat anatomy --model {params.model} --pretrained {input.pretrained} --datasets {params.datasets} "
         "--roles {params.roles} --episodes {input.episodes} --store {params.stores} --limit {params.limit} "
         "--label {params.label} --out {output.csv} --device {params.device} > {log} 2>&1"
-
-
-rule figure_anatomy:
-    input:
-        files=[f"results/anatomy/{m}.csv" for m in ANATOMY_IDS],
-    output:
-        png=report("results/figures/anatomy.png", caption="../report/anatomy.rst", category="Figures"),
-        pdf="results/figures/anatomy.pdf",
-    log:
-        "logs/figures/anatomy.log",
-    localrule: True
-    conda:
-        "../../envs/smat.yaml"
-    params:
-        prefix=figure_prefix,
-        models=[f"{MODELS[m].label} ({m})" for m in ANATOMY_IDS],
-    shell:
-        "smat figures anatomy --inputs {input.files} --out-prefix {params.prefix} > {log} 2>&1"
 
 
 rule table_anatomy:

@@ -35,10 +35,10 @@ rule convert_dataset:
         runtime=per_attempt(10),
         mem_mb=per_attempt(2000),
     params:
-        format=lambda wildcards: source_format(wildcards.dataset),
-        src=lambda wildcards: source_folder(wildcards.dataset),
+        format=lambda wildcards: rule_args.source_format(config, wildcards.dataset),
+        src=lambda wildcards: rule_args.source_folder(config, wildcards.dataset),
         out=lambda wildcards, output: os.path.dirname(output.manifest),
-        options=conversion_args,
+        options=lambda wildcards: rule_args.conversion_args(config, wildcards.dataset),
     shell:
         "smat data convert {params.format} {params.src:q} --out {params.out} --domain {wildcards.dataset} "
         "--workers {threads} {params.options} > {log} 2>&1"

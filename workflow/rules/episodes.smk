@@ -17,6 +17,6 @@ rule sample_episodes:
         mem_mb=per_attempt(2000),
     params:
         store=lambda wildcards: store(wildcards.dataset),
-        options=episode_args,
+        options=lambda wildcards: rule_args.episode_args(config, wildcards.dataset, wildcards.purpose),
     shell:
         "smat episodes sample --store {params.store} --split test {params.options} --out {output} > {log} 2>&1"

@@ -12,7 +12,7 @@ rule select_lr:
     benchmark:
         "results/benchmarks/select_lr/{model_id}/{finetune}.tsv"
     wildcard_constraints:
-        finetune="full|lora",
+        finetune=one_of(tuned_modes()),
     conda:
         "../../envs/smat.yaml"
     threads: 1
@@ -23,9 +23,9 @@ rule select_lr:
     params:
         model=lambda wildcards: model_spec(wildcards.model_id),
         stores=EVAL_STORES,
-        grid=lr_grid_args(),
+        grid=rule_args.lr_grid_args(config),
         n_episodes=config["episodes"]["hps"]["n"],
-        sizes=eval_size_args(),
+        sizes=rule_args.eval_size_args(config),
         device=DEVICE,
     shell:
         "smat select-lr --model {params.model} --episodes {input.episodes} --store {params.stores} "
@@ -54,8 +54,10 @@ rule evaluate:
     params:
         model=lambda wildcards: model_spec(wildcards.model_id),
         stores=EVAL_STORES,
-        options=evaluation_args,
-        sizes=eval_size_args(),
+        options=lambda wildcards, input: rule_args.evaluation_args(
+            config, MODELS[wildcards.model_id].label, wildcards.finetune, input.get("lr", [])
+        ),
+        sizes=rule_args.eval_size_args(config),
         device=DEVICE,
     shell:
         "smat evaluate --model {params.model} --episodes {input.episodes} --store {params.stores} "

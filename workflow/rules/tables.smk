@@ -84,7 +84,7 @@ use rule table1 as table_reference with:
 # layout, with nothing trained: `snakemake table1_released --configfile config/paper.yaml config/released.yaml`.
 use rule table1 as table1_released with:
     input:
-        eval_csvs(["pre", *RELEASED_IDS], config["evaluation"]["finetune"]),
+        eval_csvs([*PRETRAINED_IDS, *RELEASED_IDS], config["evaluation"]["finetune"]),
     output:
         csv="results/tables/released/table1.csv",
         md="results/tables/released/table1.md",

@@ -33,14 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smat.config import to_dict
-from smat.io import SmatError, atomic_path, first_nonfinite, load_torch, provenance, sha256_file
+from smat.config_loader import to_dict
+from smat.io import SmatError, first_nonfinite, load_torch, sha256_file
 from smat.methods.base import backbone_parameters
+from smat.methods.checkpoint import MODEL_FORMAT, save_model_checkpoint
+from smat.methods.config import ModelConfig, RouterConfig
+from smat.methods.pmf import PMF
 from smat.methods.registry import build_model
+from smat.methods.smat import SMAT
 from smat.models.backbones import BACKBONES, POS_EMBED_PER_FORWARD, backbone_spec, create_backbone
 from smat.models.dino_keys import convert_to_timm
-from smat.training.checkpointing import MODEL_FORMAT
-from smat.training.config import RouterConfig, TrainConfig
+from smat.releases import PMF_RELEASE, SMAT_RELEASE
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def _check_torch_file(path: Path, what: str, fix: str) -> None:
 
 
 def _kind(obj: Any) -> str | None:
-    """Which format `obj` is: "pmf", "smat-official", "smat-model", "smat-backbone", or None."""
+    """Which format `obj` is: PMF_RELEASE, SMAT_RELEASE, "smat-model", "smat-backbone", or None."""
     if not isinstance(obj, dict):
         return None
     if obj.get("format") == MODEL_FORMAT:
@@ -107,18 +110,18 @@ def _kind(obj: Any) -> str | None:
         return "smat-backbone"
     inner = obj.get("model")
     if isinstance(inner, dict) and "scale_cls" in inner and any(str(k).startswith("backbone.") for k in inner):
-        return "pmf"
+        return PMF_RELEASE
     state = inner if isinstance(inner, dict) else obj
     if f"{_DELTA}0" in state or f"{_LOG_ALPHA}0" in state:
-        return "smat-official"
+        return SMAT_RELEASE
     return None
 
 
 def _wrong_kind(path: Path, kind: str | None, wanted: str) -> SmatError:
-    if kind == "pmf":
+    if kind == PMF_RELEASE:
         return SmatError(f"{path}: is a PMF checkpoint (model.scale_cls, model.backbone.*), not an official SMAT "
                          f"one; import it with `smat import pmf {path} --out MODEL.pt`")
-    if kind == "smat-official":
+    if kind == SMAT_RELEASE:
         return SmatError(f"{path}: is an official SMAT checkpoint (delta_hypernet.phis.*), not a PMF one; import "
                          f"it with `smat import smat-official {path} --router-extra EXTRA.pt --out MODEL.pt`")
     if kind == "smat-model":
@@ -167,7 +170,7 @@ class OfficialSmat:
 
 def _smat_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     obj = _read(path, "official SMAT checkpoint", "pass the checkpoint.pt of the authors' SMAT code")
-    if _kind(obj) != "smat-official":
+    if _kind(obj) != SMAT_RELEASE:
         raise _wrong_kind(path, _kind(obj), "an official SMAT")
     if isinstance(obj.get("model"), dict):
         return obj["model"], "{'model': state_dict, ...} (the authors' trainer)"
@@ -395,16 +398,17 @@ def _flat_log_alpha(log_alpha: dict[str, Tensor], names: list[str], experts: int
     return torch.cat([log_alpha[name].movedim(-1, 0).reshape(experts, -1) for name in names], dim=1)
 
 
-def _smat_config(official: OfficialSmat, image_size: int, skill_tokens: int) -> TrainConfig:
+def _smat_config(official: OfficialSmat, image_size: int, skill_tokens: int) -> ModelConfig:
     hidden = official.router["fc1.parametrizations.weight.original"].shape[0]
     d = official.router["norm1.weight"].shape[0]
     router = RouterConfig(heads=4, mlp_ratio=hidden / d, skill_tokens=skill_tokens)   # 4 heads: METHOD §1.4.3
-    return TrainConfig(method="smat", image_size=image_size, experts=official.experts, tau=official.tau,
+    return ModelConfig(method=SMAT.method, image_size=image_size, experts=official.experts, tau=official.tau,
                        router=router)
 
 
-def _plain(config: TrainConfig) -> dict[str, Any]:
-    """The config as `smat train` saves it: plain JSON types (tuples become lists)."""
+def _plain(config: ModelConfig) -> dict[str, Any]:
+    """The model's config as a checkpoint stores it: plain JSON types (tuples become lists). Only the model's
+    settings: the release's training settings are not ours to state."""
     return json.loads(json.dumps(to_dict(config)))
 
 
@@ -449,7 +453,7 @@ def import_smat_official(path: Path, out: Path, *, router_extra: Path | None = N
              "pos_embed": f"stored {spec['grid']}x{spec['grid']} table (θ_pre, δ, log α), {POS_EMBED_PER_FORWARD}"}
     if router_extra is not None:
         facts["router_extra_sha256"] = sha256_file(router_extra)
-    _save(out, model, _plain(config), backbone_record, {"tasks_seen": official.counter}, "smat-official", path,
+    _save(out, model, _plain(config), backbone_record, {"tasks_seen": official.counter}, SMAT_RELEASE, path,
           facts)
 
 
@@ -458,7 +462,7 @@ def import_smat_official(path: Path, out: Path, *, router_extra: Path | None = N
 def read_pmf(path: Path) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, Any]]:
     """(backbone weights by timm name, scale_cls, bias, facts) of PMF's `checkpoint.pth` / `best.pth`."""
     obj = _read(path, "PMF checkpoint", "pass the checkpoint.pth or best.pth written by PMF's main.py")
-    if _kind(obj) != "pmf":
+    if _kind(obj) != PMF_RELEASE:
         raise _wrong_kind(path, _kind(obj), "a PMF")
     model = obj["model"]
     unexpected = sorted(k for k in model if k not in ("scale_cls", "bias") and not k.startswith("backbone."))
@@ -492,7 +496,7 @@ def import_pmf(path: Path, out: Path, *, arch: str | None = None, heads: int | N
             raise SmatError(f"{path}: model.backbone.{key} is missing; not a PMF ViT checkpoint")
     name, spec = _arch_spec(theta, PMF_LAYER_NORM_EPS, arch, heads, path)
     backbone_record = _backbone_record(name, spec, image_size)
-    config = TrainConfig(method="pmf", image_size=backbone_record["image_size"])
+    config = ModelConfig(method=PMF.method, image_size=backbone_record["image_size"])
     backbone = create_backbone(name, backbone_record["image_size"], spec=spec)
     model = build_model(config, backbone)
     _check_backbone(theta, backbone, path)
@@ -501,7 +505,7 @@ def import_pmf(path: Path, out: Path, *, arch: str | None = None, heads: int | N
     state["head.scale"], state["head.bias"] = scale.reshape(()), bias.reshape(())
     model.load_state_dict(state, strict=True)
     facts["pos_embed"] = f"stored {spec['grid']}x{spec['grid']} table, {POS_EMBED_PER_FORWARD}"
-    _save(out, model, _plain(config), backbone_record, {"epoch": facts["epoch"], "tasks_seen": 0}, "pmf", path,
+    _save(out, model, _plain(config), backbone_record, {"epoch": facts["epoch"], "tasks_seen": 0}, PMF_RELEASE, path,
           facts)
 
 
@@ -514,15 +518,10 @@ def _check_out(out: Path) -> None:
 
 def _save(out: Path, model, config: dict, backbone: dict, progress: dict, importer: str, source: Path,
           facts: dict[str, Any]) -> None:
-    """The "smat-model/1" record of `smat.training.checkpointing`, with where it came from; written atomically."""
+    """The "smat-model/1" record of `smat.methods.checkpoint`, with where it came from; written atomically."""
     imported = {"importer": importer, "source": str(source), "source_sha256": sha256_file(source), "layout": facts}
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if bad := first_nonfinite(state_dict):
+    if bad := first_nonfinite(model.state_dict()):
         raise SmatError(f"{source}: tensor {bad} of the imported model holds NaN or infinity; not a usable "
                         "checkpoint")
-    record = {"format": MODEL_FORMAT, "method": model.method, "config": config, "backbone": backbone,
-              "state_dict": state_dict,
-              "progress": progress, "provenance": json.loads(json.dumps(provenance(imported=imported), default=str))}
-    with atomic_path(out) as tmp:
-        torch.save(record, tmp)
+    save_model_checkpoint(out, model, config, backbone, progress, imported=imported)
     log.info("%s: %s imported from %s (sha256 %s)", out, model.method, source, imported["source_sha256"])

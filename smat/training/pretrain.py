@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smat.config import check_ranges, load_config, to_dict
+from smat.config_loader import check_ranges, load_config, to_dict
 from smat.data.store import Store
 from smat.data.transforms import train_transform
 from smat.device import resolve_device
 from smat.io import SmatError, atomic_path, first_nonfinite, load_torch_record, provenance, stable_hash
 from smat.models.backbones import backbone_spec, create_backbone
-from smat.models.checkpoint import export_weights, save_checkpoint
+from smat.models.pretrained import export_weights, save_checkpoint
 from smat.progress import progress_bar
 
 log = logging.getLogger(__name__)
