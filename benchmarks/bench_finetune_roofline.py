@@ -1,8 +1,9 @@
 """How much faster batched test-time fine-tuning could be on this CPU at all: the arithmetic of one fine-tuning
 step of the embedded model (floating-point operations counted by `torch.utils.flop_counter`) against
 
-* the rate one episode's step reaches on its own (a plain forward + backward of the backbone on a 5-way 1-shot
-  support set, 32 px, the committed tiny ViT's shape, and an AdamW update of every weight),
+* the rate one episode's step reaches on its own (a plain forward + backward of the backbone on the 10 images of
+  a 5-way 1-shot step, the clean and the augmented support, 32 px, the committed tiny ViT's shape, and an
+  AdamW-like update of every weight),
 * the rate 16 episodes' steps reach together (`torch.func.vmap` over 16 weight copies, as
   `smat.evaluation.finetune` runs them),
 * the rate of one large fp32 matrix product (1024 x 1024 x 1024), the practical peak of a core.
@@ -28,7 +29,7 @@ from smat.models.backbones import create_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "finetune_roofline.json"
-SUPPORT, BATCH, REPEATS = 5, 16, 20
+SUPPORT, BATCH, REPEATS = 10, 16, 20
 
 
 def seconds(fn, repeats: int = REPEATS) -> float:
