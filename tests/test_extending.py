@@ -4,8 +4,6 @@ workflow. (A method: tests/test_registry.py.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 from test_evaluation import CPU, build_smat, toy  # noqa: F401  (fixtures)
+from test_registry import dry_run_all
 
 from smat import rule_args
 from smat.analysis.figures import FIGURES, Figure, make_figure
@@ -89,18 +88,8 @@ def test_a_figure_added_to_its_table_is_drawn_and_gets_its_rule(monkeypatch, tmp
     assert "results/figures/toy_figure.png" in rule_args.all_figures()
 
     # The workflow, in a process of its own that registers the entry first: `all` has the figure's rule.
-    register = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        from smat.analysis.figures import FIGURES, Figure
-        FIGURES["toy-figure"] = Figure("toy-figure", "toy_figure:make", models="trained", reads="train_log")
-        from snakemake.cli import main
-        sys.argv[0] = "snakemake"
-        main()
-    """)
-    plan = subprocess.run([sys.executable, "-c", register, "-n", "all", "--snakefile", str(ROOT / "Snakefile"),
-                           "--directory", str(tmp_path), "--printshellcmds"], capture_output=True, text=True,
-                          timeout=300)
-    assert plan.returncode == 0, plan.stderr[-2000:]
-    line = next(line for line in plan.stdout.splitlines() if "smat figures toy-figure" in line)
+    plan = dry_run_all(tmp_path, 'from smat.analysis.figures import FIGURES, Figure\n'
+                                 'FIGURES["toy-figure"] = Figure("toy-figure", "toy_figure:make", models="trained", '
+                                 'reads="train_log")')
+    line = next(line for line in plan.splitlines() if "smat figures toy-figure" in line)
     assert "results/models/pmf/seed~0/train_log.jsonl" in line and "--out-prefix results/figures/toy_figure" in line

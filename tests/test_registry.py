@@ -3,7 +3,6 @@ and a method registered at run time (module + one entry, nothing else) is traine
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,18 @@ def toy(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(METHODS, "toy", TOY)
     return tmp_path
+
+
+def dry_run_all(workdir: Path, register: str) -> str:
+    """The shell commands of `snakemake -n all` in `workdir` (the default config), run in a process that first
+    executes `register` (Python that adds a table entry) with `workdir` on its import path."""
+    code = "\n".join(["import sys", f"sys.path.insert(0, {str(workdir)!r})", register,
+                       "from snakemake.cli import main", "sys.argv[0] = 'snakemake'", "main()"])
+    plan = subprocess.run([sys.executable, "-c", code, "-n", "all", "--snakefile", str(ROOT / "Snakefile"),
+                           "--directory", str(workdir), "--printshellcmds"], capture_output=True, text=True,
+                          timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    return plan.stdout
 
 
 def check_entry(name: str) -> None:
@@ -131,20 +142,9 @@ def test_a_method_registered_at_run_time_is_trained_tabled_and_drawn(toy):
     assert "toy/seed~0" in models.figure_models(0)["trained"] and "toy/seed~0" in models.figure_models(0)["pareto"]
 
     # The workflow, in a process of its own that registers the entry first: a dry run of `all`.
-    register = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(toy)!r})
-        from smat.methods.registry import METHODS, Method, Switches
-        METHODS["toy"] = Method("toy", "Toy", "toy_method:Toy", Switches(False, False, False, False))
-        from snakemake.cli import main
-        sys.argv[0] = "snakemake"
-        main()
-    """)
-    plan = subprocess.run([sys.executable, "-c", register, "-n", "all", "--snakefile", str(ROOT / "Snakefile"),
-                           "--directory", str(toy), "--printshellcmds"], capture_output=True, text=True,
-                          timeout=300)
-    assert plan.returncode == 0, plan.stderr[-2000:]
-    assert "--set method=toy --set seed=0" in plan.stdout                      # meta-tuned
-    assert "results/eval/toy/seed~0/" in plan.stdout                            # evaluated, tabled
-    curves = next(line for line in plan.stdout.splitlines() if "smat figures curves" in line)
+    plan = dry_run_all(toy, 'from smat.methods.registry import METHODS, Method, Switches\n'
+                            'METHODS["toy"] = Method("toy", "Toy", "toy_method:Toy", Switches(False, False, False, False))')
+    assert "--set method=toy --set seed=0" in plan                             # meta-tuned
+    assert "results/eval/toy/seed~0/" in plan                                   # evaluated, tabled
+    curves = next(line for line in plan.splitlines() if "smat figures curves" in line)
     assert "results/models/toy/seed~0/" in curves                               # drawn
