@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from smat.data.store import SourceClass, _default_splits, _read_splits, write_store
+from smat.data.class_splits import default_splits, read_splits
+from smat.data.store import SourceClass, write_store
 from smat.io import SmatError
 
 
@@ -207,9 +208,9 @@ def convert_classic(kind: str, src: str | Path, out: str | Path, image_size: int
     images = READERS[kind](src)
     names = sorted(images)
     if splits:
-        split_of, groups, dag = _read_splits(Path(splits), src, names)
+        split_of, groups, dag = read_splits(Path(splits), src, names)
     else:
-        split_of, groups, dag = _default_splits(names, role, seed), None, None
+        split_of, groups, dag = default_splits(names, role, seed), None, None
     order = sorted(names, key=lambda n: (["train", "val", "test"].index(split_of[n]), n))
     classes = [SourceClass(n, split_of[n], groups[n] if groups else None, images[n]) for n in order]
     return write_store(out, classes, domain=domain or kind, source=src, image_size=image_size,
