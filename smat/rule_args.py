@@ -268,8 +268,8 @@ def all_figures() -> list[str]:
 
 def figure_outputs(figure: Figure, ext: str | None = None) -> list[str]:
     """What `smat figures NAME` writes: results/figures/FILE{panel}.png and .pdf (or only `ext`) per panel."""
-    return [f"results/figures/{figure.file}{panel}.{e}" for panel in figure.panels for e in ([ext] if ext else
-                                                                                             ["png", "pdf"])]
+    exts = [ext] if ext else ["png", "pdf"]
+    return [f"results/figures/{figure.file}{panel}.{e}" for panel in figure.panels for e in exts]
 
 
 def figure_prefix(png: str) -> str:

@@ -53,6 +53,7 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
     check_datasets(plain, id_datasets, ood_datasets, "pareto")
     summary = summarise(plain, by=("model_id", "dataset")).set_index(["model_id", "dataset"])
     means, cis = summary["mean"], summary["ci95"]
+    swept = swept_method()
     rows = []
     for model_id, group in plain.groupby("model_id", sort=False):
         missing = [d for d in [*id_datasets, *ood_datasets] if (model_id, d) not in means.index]
@@ -62,9 +63,8 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
         first = group.iloc[0]
         tau = pd.to_numeric(group["tau"], errors="coerce").iloc[0]
         experts = pd.to_numeric(group["experts"], errors="coerce").iloc[0]
-        if first["method"] == swept_method().name and (np.isnan(tau) or np.isnan(experts)):
-            raise SmatError(f"pareto: {swept_method().display} model {model_id!r} has no tau/experts in "
-                            f"{first['source']}")
+        if first["method"] == swept.name and (np.isnan(tau) or np.isnan(experts)):
+            raise SmatError(f"pareto: {swept.display} model {model_id!r} has no tau/experts in {first['source']}")
         rows.append({"model_id": model_id, "label": first["label"], "method": first["method"], "tau": tau,
                      "experts": experts, "id": np.mean([means[(model_id, d)] for d in id_datasets]),
                      "ood": np.mean([means[(model_id, d)] for d in ood_datasets]),
@@ -75,8 +75,8 @@ def model_points(results: pd.DataFrame, id_datasets: Sequence[str], ood_datasets
 
 def make(inputs: Sequence[Path], out_prefix: Path, id_datasets: Sequence[str], ood_datasets: Sequence[str]) -> None:
     points = model_points(read_eval_csvs(inputs), id_datasets, ood_datasets)
-    smat = points[points["method"] == swept_method().name]      # the sweep's points, a front per |M|
-    others = points[points["method"] != swept_method().name]
+    swept = points["method"] == swept_method().name
+    smat, others = points[swept], points[~swept]          # the sweep's points (a front per |M|), the other models
     others = others.iloc[np.lexsort((others["label"], others["method"].map(column_rank)))]
     taus, experts = sorted(smat["tau"].unique()), sorted(smat["experts"].unique())
     if len(others) > len(REFERENCE_MARKERS):

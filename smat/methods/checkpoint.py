@@ -28,12 +28,16 @@ MODEL_FORMAT = "smat-model/1"
 
 def save_model_checkpoint(path: Path, model: torch.nn.Module, config: dict, backbone: dict, progress: dict,
                           imported: dict | None = None) -> None:
-    """Written atomically; `imported`: where an imported model came from (`smat import`), in its provenance."""
+    """Written atomically, never with a non-finite tensor; `imported`: where an imported model came from
+    (`smat import`: importer, source, ...), in its provenance."""
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if bad := first_nonfinite(state_dict):
+    if (bad := first_nonfinite(state_dict)) and imported:
+        raise SmatError(f"{imported['source']}: tensor {bad} of the imported model holds NaN or infinity; not a "
+                        "usable checkpoint")
+    if bad:
         raise SmatError(f"{path}: not written: tensor {bad} holds NaN or infinity after task "
                         f"{progress.get('tasks_seen')}, so training diverged; lower the learning rates (optim.*)")
-    record = {"format": MODEL_FORMAT, "method": model.method, "config": config, "backbone": backbone,
+    record = {"format": MODEL_FORMAT, "method": model.method, "config": _plain(config), "backbone": backbone,
               "state_dict": state_dict,
               "progress": progress,
               "provenance": _plain(provenance(imported=imported) if imported else provenance())}

@@ -67,7 +67,6 @@ class TeacherConfig:
         check_ranges(self, positive=("lr", "temperature"), fraction=("kd_weight",))
 
 
-
 @dataclass
 class ModelConfig:
     method: str = "smat"                # a meta-trained method of the registry (`resolve_switches` checks)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from smat.methods.base import FewShotModel
@@ -105,20 +104,25 @@ def trained_methods() -> tuple[str, ...]:
     return tuple(name for name, method in METHODS.items() if method.trained)
 
 
+def _the_method(what: str, matches) -> Method:
+    """The one method of the table for which `matches(method)` holds."""
+    found = [m for m in METHODS.values() if matches(m)]
+    if len(found) != 1:
+        raise ValueError(f"the method table has {len(found)} methods that are {what}; it needs exactly one")
+    return found[0]
+
+
 def swept_method() -> Method:
     """The method whose settings the τ/|M| sweep varies (Fig. 3, the Pareto front)."""
-    (method,) = [m for m in METHODS.values() if m.swept]
-    return method
+    return _the_method("swept", lambda m: m.swept)
 
 
 def table2_method(row: int) -> Method:
-    (method,) = [m for m in METHODS.values() if m.table2_row == row]
-    return method
+    return _the_method(f"Table 2 row {row}", lambda m: m.table2_row == row)
 
 
 def method_of_release(release_format: str) -> Method:
-    (method,) = [m for m in METHODS.values() if release_format in m.release_formats]
-    return method
+    return _the_method(f"held by release format {release_format!r}", lambda m: release_format in m.release_formats)
 
 
 def display_name(method: str | None) -> str:

@@ -22,7 +22,6 @@ forward as the authors' code does (`smat.models.backbones.AuthorsPosEmbedViT`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from smat.config_loader import to_dict
-from smat.io import SmatError, first_nonfinite, load_torch, sha256_file
+from smat.io import SmatError, load_torch, sha256_file
 from smat.methods.base import backbone_parameters
 from smat.methods.checkpoint import MODEL_FORMAT, save_model_checkpoint
 from smat.methods.config import ModelConfig, RouterConfig
@@ -406,12 +405,6 @@ def _smat_config(official: OfficialSmat, image_size: int, skill_tokens: int) -> 
                        router=router)
 
 
-def _plain(config: ModelConfig) -> dict[str, Any]:
-    """The model's config as a checkpoint stores it: plain JSON types (tuples become lists). Only the model's
-    settings: the release's training settings are not ours to state."""
-    return json.loads(json.dumps(to_dict(config)))
-
-
 def import_smat_official(path: Path, out: Path, *, router_extra: Path | None = None,
                          allow_missing_router: bool = False, arch: str | None = None, heads: int | None = None,
                          image_size: int | None = None) -> None:
@@ -453,7 +446,7 @@ def import_smat_official(path: Path, out: Path, *, router_extra: Path | None = N
              "pos_embed": f"stored {spec['grid']}x{spec['grid']} table (θ_pre, δ, log α), {POS_EMBED_PER_FORWARD}"}
     if router_extra is not None:
         facts["router_extra_sha256"] = sha256_file(router_extra)
-    _save(out, model, _plain(config), backbone_record, {"tasks_seen": official.counter}, SMAT_RELEASE, path,
+    _save(out, model, to_dict(config), backbone_record, {"tasks_seen": official.counter}, SMAT_RELEASE, path,
           facts)
 
 
@@ -505,7 +498,7 @@ def import_pmf(path: Path, out: Path, *, arch: str | None = None, heads: int | N
     state["head.scale"], state["head.bias"] = scale.reshape(()), bias.reshape(())
     model.load_state_dict(state, strict=True)
     facts["pos_embed"] = f"stored {spec['grid']}x{spec['grid']} table, {POS_EMBED_PER_FORWARD}"
-    _save(out, model, _plain(config), backbone_record, {"epoch": facts["epoch"], "tasks_seen": 0}, PMF_RELEASE, path,
+    _save(out, model, to_dict(config), backbone_record, {"epoch": facts["epoch"], "tasks_seen": 0}, PMF_RELEASE, path,
           facts)
 
 
@@ -518,10 +511,8 @@ def _check_out(out: Path) -> None:
 
 def _save(out: Path, model, config: dict, backbone: dict, progress: dict, importer: str, source: Path,
           facts: dict[str, Any]) -> None:
-    """The "smat-model/1" record of `smat.methods.checkpoint`, with where it came from; written atomically."""
+    """The "smat-model/1" record of `smat.methods.checkpoint`, with where it came from. The config is the
+    model's settings only: the release's training settings are not ours to state."""
     imported = {"importer": importer, "source": str(source), "source_sha256": sha256_file(source), "layout": facts}
-    if bad := first_nonfinite(model.state_dict()):
-        raise SmatError(f"{source}: tensor {bad} of the imported model holds NaN or infinity; not a usable "
-                        "checkpoint")
     save_model_checkpoint(out, model, config, backbone, progress, imported=imported)
     log.info("%s: %s imported from %s (sha256 %s)", out, model.method, source, imported["source_sha256"])

@@ -93,11 +93,16 @@ def episode_accuracy(model: FewShotModel, episode: EpisodeTensors) -> float:
 
 
 # The products of `smat train` (the outputs the workflow declares), in the order they are given their final names
-# at the end: best.pt last. During training each is written under its temporary name; expert_masks.npz is a
-# product of models with gates only.
+# at the end: best.pt last. During training each is written under its temporary name (`partial_name`);
+# expert_masks.npz is a product of models with gates only.
 FINAL_FILES = ("expert_masks.npz", "train_log.jsonl", "best.pt")
-PARTIAL = {"expert_masks.npz": "expert_masks.partial.npz", "train_log.jsonl": "train_log.partial.jsonl",
-           "best.pt": "best.partial.pt"}
+
+
+def partial_name(name: str) -> str:
+    """The name a product has until training ends: best.pt -> best.partial.pt."""
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.partial.{suffix}"
+
 
 # How far above τ every expert must be, with λ at 0 for a whole epoch, for `smat train` to warn of collapsed gates.
 GATE_OVERSHOOT = 0.05
@@ -186,13 +191,11 @@ class Trainer:
         self.log_file = None
         self.last_sparsity: list[float] = []          # realised sparsity per expert at the latest meta-update
         self.paths = {name: out / name for name in
-                      ("config.yaml", "resume.pt", "last.pt", "summary.json", *FINAL_FILES, *PARTIAL.values())}
-        # Final file -> the file training writes it to: every product of this model's method.
-        self.products = {name: self.paths[PARTIAL[name]] for name in FINAL_FILES
-                         if name != "expert_masks.npz" or self._has_gates()}
-
-    def _has_gates(self) -> bool:
-        return self.model.expert_masks() is not None
+                      ("config.yaml", "resume.pt", "last.pt", "summary.json", *FINAL_FILES,
+                       *map(partial_name, FINAL_FILES))}
+        # Final file -> the file training writes it to: every product of this model (masks: with gates only).
+        self.products = {name: self.paths[partial_name(name)] for name in FINAL_FILES
+                         if name != "expert_masks.npz" or config.switches.mls}
 
     def finished(self) -> bool:
         """OUT holds a finished model: every final file of this model's method is there."""
@@ -377,7 +380,7 @@ class Trainer:
             return
         if self.progress["best_epoch"] is None:         # no validation: the last model is the selected one
             self._save_model(self.paths["best.partial.pt"])
-        if self._has_gates():
+        if "expert_masks.npz" in self.products:
             masks = self.model.expert_masks()
             with atomic_open(self.paths["expert_masks.partial.npz"], "wb") as handle:
                 np.savez_compressed(handle, **{name: m.cpu().numpy() for name, m in masks.items()})

@@ -8,7 +8,7 @@ ANATOMY_ROLES = " ".join(DATASETS[d]["role"] for d in EVAL_DATASETS)
 
 rule anatomy:
     input:
-        model=lambda wildcards: trained(wildcards.model_id),
+        model=lambda wildcards: checkpoint(wildcards.model_id),
         pretrained=PRETRAINED,
         episodes=per_dataset("results/episodes/{dataset}/test.json"),
         stores=EVAL_MANIFESTS,

@@ -75,11 +75,8 @@ def model_file(model_id, name):
 
 
 def checkpoint(model_id):
+    """A model's file, and what its readers wait for: `smat train` gives best.pt its name last, when it finishes."""
     return PRETRAINED if model_id in PRETRAINED_IDS else model_file(model_id, "best.pt")
-
-
-# What a reader of a model waits for: its checkpoint; `smat train` gives best.pt its name last, when it finishes.
-trained = checkpoint
 
 
 def released_inputs(wildcards):
@@ -103,7 +100,7 @@ DATASET_ARGS = rule_args.dataset_args(config)
 
 
 def evaluation_inputs(wildcards):
-    inputs = {"model": trained(wildcards.model_id), "stores": EVAL_MANIFESTS}
+    inputs = {"model": checkpoint(wildcards.model_id), "stores": EVAL_MANIFESTS}
     inputs["episodes"] = per_dataset("results/episodes/{dataset}/test.json")
     if wildcards.finetune != NO_FINETUNING:
         inputs["lr"] = [f"results/lr/{wildcards.model_id}/{d}/{wildcards.finetune}.json" for d in EVAL_DATASETS]

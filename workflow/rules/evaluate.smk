@@ -2,7 +2,7 @@
 # one job per (model, mode) searches every dataset (common.smk: per_dataset).
 rule select_lr:
     input:
-        model=lambda wildcards: trained(wildcards.model_id),
+        model=lambda wildcards: checkpoint(wildcards.model_id),
         episodes=per_dataset("results/episodes/{dataset}/hps.json"),
         stores=EVAL_MANIFESTS,
     output:
